@@ -1,0 +1,318 @@
+"""Loading certificates and keys, SPKI pins, and chain validation with errors that name the cause.
+
+Path validation is done only by ``cryptography.x509.verification``. When it refuses a
+chain, :func:`_diagnose` asks the same verifier narrower questions (would it pass at a
+time inside the certificate's validity? for the name the certificate does carry?) so
+the error can say *why*: unknown CA, expired, name mismatch or wrong usage.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import hashlib
+import hmac
+import ipaddress
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Union
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509 import verification as xv
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from .errors import (
+    CertificateError,
+    CertificateExpiredError,
+    ConfigError,
+    NameMismatchError,
+    PinMismatchError,
+    UnknownCAError,
+    WrongUsageError,
+)
+
+PrivateKey = Union[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey]
+PublicKey = Union[rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey]
+Source = Union[str, "os.PathLike[str]"]
+
+MAX_FILE = 1024 * 1024
+_Attempt = Callable[[str, datetime.datetime], bool]
+
+
+def _read(path: Source, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file {os.fspath(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} file {os.fspath(path)!r} is a directory, not a PEM file") from None
+    except PermissionError:
+        raise ConfigError(f"{what} file {os.fspath(path)!r} is not readable by this user") from None
+    if len(data) > MAX_FILE:
+        raise ConfigError(f"{what} file {os.fspath(path)!r} is larger than 1 MiB; is it the right file?")
+    return data
+
+
+def load_certificates(path: Source | None = None, *, data: bytes | str | None = None, what: str = "certificate") -> list[x509.Certificate]:
+    """Every certificate in a PEM file (or PEM/DER ``data``), in file order."""
+    raw = _read(path, what) if path is not None else (data.encode() if isinstance(data, str) else data or b"")
+    where = repr(os.fspath(path)) if path is not None else "data"
+    try:
+        certs = x509.load_pem_x509_certificates(raw) if b"-----BEGIN" in raw else [x509.load_der_x509_certificate(raw)]
+    except ValueError:
+        if b"PRIVATE KEY-----" in raw:
+            raise ConfigError(f"{what} {where} holds a private key, not a certificate; swap certfile and keyfile?") from None
+        raise ConfigError(f"{what} {where} holds no readable PEM certificate") from None
+    if not certs:
+        raise ConfigError(f"{what} {where} holds no certificate")
+    return certs
+
+
+def load_private_key(path: Source, password: bytes | str | None = None) -> PrivateKey:
+    raw = _read(path, "key")
+    pw = password.encode() if isinstance(password, str) else password
+    where = repr(os.fspath(path))
+    try:
+        key = serialization.load_pem_private_key(raw, password=pw)
+    except TypeError:
+        if pw is None:
+            raise ConfigError(
+                f"key file {where} is encrypted: give its passphrase (password=..., or --key-pass-env / --key-pass-file)"
+            ) from None
+        raise ConfigError(f"key file {where} is not encrypted, but a passphrase was given") from None
+    except ValueError:
+        if b"CERTIFICATE-----" in raw and b"PRIVATE KEY-----" not in raw:
+            raise ConfigError(f"key file {where} holds a certificate, not a private key; swap certfile and keyfile?") from None
+        if pw is not None and b"ENCRYPTED" in raw:
+            raise ConfigError(f"could not decrypt key file {where}: wrong passphrase") from None
+        raise ConfigError(f"key file {where} holds no readable PEM private key") from None
+    except Exception as exc:  # unsupported algorithms surface as UnsupportedAlgorithm
+        raise ConfigError(f"key file {where}: unsupported key ({type(exc).__name__})") from None
+    if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey)):
+        raise ConfigError(f"key file {where} holds a {type(key).__name__}; use RSA, EC P-256 or Ed25519")
+    check_key_permissions(path)
+    return key
+
+
+def check_key_permissions(path: Source) -> None:
+    """Warn (through logging) about a private key that other users can read."""
+    import logging
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if os.name == "posix" and mode & 0o077:
+        logging.getLogger("securechan").warning(
+            "private key %r is readable by other users (mode %o); run: chmod 600 %s",
+            os.fspath(path), mode & 0o777, os.fspath(path),
+        )
+
+
+def public_key_der(key: PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def spki_sha256(cert: x509.Certificate) -> bytes:
+    return hashlib.sha256(public_key_der(cert.public_key())).digest()  # type: ignore[arg-type]
+
+
+def format_pin(digest: bytes) -> str:
+    return "sha256:" + digest.hex()
+
+
+def parse_pin(pin: str) -> bytes:
+    """Accept ``sha256:<64 hex>``, ``sha256/<base64>`` or bare hex; return the 32-byte digest."""
+    text = pin.strip()
+    body = text
+    for prefix in ("sha256:", "sha256/", "SHA256:", "SHA256/"):
+        if text.startswith(prefix):
+            body = text[len(prefix):]
+            break
+    digest: bytes | None = None
+    try:
+        digest = bytes.fromhex(body.replace(":", "")) if len(body.replace(":", "")) == 64 else None
+    except ValueError:
+        digest = None
+    if digest is None:
+        try:
+            digest = base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            digest = None
+    if digest is None or len(digest) != 32:
+        raise ConfigError(
+            f"pin {pin!r} is not a SHA-256 SPKI fingerprint; expected 'sha256:<64 hex digits>' "
+            "as printed by 'securechan cert show'"
+        )
+    return digest
+
+
+def check_key_matches(cert: x509.Certificate, key: PrivateKey, where: str) -> None:
+    if public_key_der(cert.public_key()) != public_key_der(key.public_key()):  # type: ignore[arg-type]
+        raise ConfigError(f"the private key does not match the certificate in {where}; check that certfile and keyfile belong together")
+
+
+def describe(cert: x509.Certificate) -> str:
+    """A short human name for a certificate: its first SAN, else its CN."""
+    names = san_names(cert)
+    if names:
+        return names[0]
+    cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(cns[0].value) if cns else cert.subject.rfc4514_string()
+
+
+def san_names(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    out: list[str] = [str(v) for v in san.get_values_for_type(x509.DNSName)]
+    out += [str(v) for v in san.get_values_for_type(x509.IPAddress)]
+    out += [str(v) for v in san.get_values_for_type(x509.UniformResourceIdentifier)]
+    return out
+
+
+def _subject(name: str) -> xv.Subject:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def make_store(certs: Sequence[x509.Certificate]) -> xv.Store:
+    return xv.Store(list(certs))
+
+
+def _utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def parse_chain(chain_der: Sequence[bytes], who: str) -> list[x509.Certificate]:
+    try:
+        return [x509.load_der_x509_certificate(der) for der in chain_der]
+    except ValueError:
+        raise CertificateError(f"the {who} sent a certificate that is not valid DER X.509") from None
+
+
+def check_pins(leaf: x509.Certificate, pins: Iterable[bytes], who: str) -> None:
+    actual = spki_sha256(leaf)
+    # Compare against every pin without an early exit.
+    matched = False
+    for pin in pins:
+        matched |= hmac.compare_digest(actual, pin)
+    if not matched:
+        raise PinMismatchError(
+            f"the {who}'s public key ({format_pin(actual)}, certificate for {describe(leaf)!r}) "
+            "matches none of the configured pins; if the key was rotated on purpose, update the pin"
+        )
+
+
+def verify_server_chain(
+    chain: Sequence[x509.Certificate],
+    server_name: str,
+    store: xv.Store,
+    *,
+    cafile_desc: str = "the configured CA bundle",
+    now: datetime.datetime | None = None,
+) -> None:
+    """Validate a server chain (leaf first) for ``server_name``; raise a CertificateError naming the cause."""
+    at = now or _utcnow()
+    leaf, intermediates = chain[0], list(chain[1:])
+
+    def attempt(subject_name: str, when: datetime.datetime) -> str | None:
+        builder = xv.PolicyBuilder().store(store).time(when)
+        try:
+            builder.build_server_verifier(_subject(subject_name)).verify(leaf, intermediates)
+        except xv.VerificationError as exc:
+            return str(exc)
+        except ValueError as exc:  # e.g. a server name that is not a valid DNS name
+            return str(exc)
+        return None
+
+    error = attempt(server_name, at)
+    if error is None:
+        return
+    _diagnose(leaf, "server", server_name, at, error, cafile_desc,
+              lambda name, when: attempt(name, when) is None, ExtendedKeyUsageOID.SERVER_AUTH)
+
+
+def verify_client_chain(
+    chain: Sequence[x509.Certificate],
+    store: xv.Store,
+    *,
+    cafile_desc: str = "the configured client CA bundle",
+    now: datetime.datetime | None = None,
+) -> xv.VerifiedClient:
+    """Validate a client chain (leaf first) with the client verifier; raise a CertificateError naming the cause."""
+    at = now or _utcnow()
+    leaf, intermediates = chain[0], list(chain[1:])
+
+    def attempt(_name: str, when: datetime.datetime) -> xv.VerifiedClient | str:
+        try:
+            return xv.PolicyBuilder().store(store).time(when).build_client_verifier().verify(leaf, intermediates)
+        except xv.VerificationError as exc:
+            return str(exc)
+
+    result = attempt("", at)
+    if not isinstance(result, str):
+        return result
+    _diagnose(leaf, "client", None, at, result, cafile_desc,
+              lambda name, when: not isinstance(attempt(name, when), str), ExtendedKeyUsageOID.CLIENT_AUTH)
+    raise AssertionError("unreachable")  # _diagnose always raises
+
+
+def _diagnose(
+    leaf: x509.Certificate,
+    who: str,
+    wanted_name: str | None,
+    at: datetime.datetime,
+    error: str,
+    cafile_desc: str,
+    passes: _Attempt,
+    usage: x509.ObjectIdentifier,
+) -> None:
+    label = describe(leaf)
+    try:
+        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        eku = None
+    if eku is not None and usage not in eku:
+        have = ", ".join(getattr(u, "_name", u.dotted_string) for u in eku) or "none"
+        want = "serverAuth" if who == "server" else "clientAuth"
+        raise WrongUsageError(
+            f"certificate for {label!r} is not valid for {who} authentication: its extended key usage "
+            f"is {have}, and {want} is required; issue a {who} certificate"
+            + (" (securechan cert issue --client)" if who == "client" else "")
+        )
+    start, end = leaf.not_valid_before_utc, leaf.not_valid_after_utc
+    inside = start + (end - start) / 2 if end > start else start
+    name_ok_at = wanted_name if wanted_name is not None else ""
+    if not start <= at <= end and passes(name_ok_at, inside):
+        if at > end:
+            raise CertificateExpiredError(
+                f"certificate for {label!r} expired on {end:%Y-%m-%d %H:%M:%S} UTC; renew it "
+                "(or check this machine's clock)"
+            )
+        raise CertificateExpiredError(
+            f"certificate for {label!r} is not valid before {start:%Y-%m-%d %H:%M:%S} UTC; "
+            "check the clocks of both machines"
+        )
+    if wanted_name is not None:
+        names = san_names(leaf)
+        own = next((n for n in names if not n.startswith(("spiffe:", "http:", "https:", "urn:"))), None)
+        if own is not None and (passes(own, at) or (not start <= at <= end and passes(own, inside))):
+            listed = ", ".join(repr(n) for n in names)
+            raise NameMismatchError(
+                f"certificate for {label!r} is not valid for server name {wanted_name!r} (it covers {listed}); "
+                "connect with server_name= one of those names, or reissue the certificate with this name"
+            )
+    issuer = leaf.issuer.rfc4514_string()
+    raise UnknownCAError(
+        f"certificate for {label!r} (issued by {issuer!r}) does not chain to a CA trusted by "
+        f"{cafile_desc}: {error}; check that the {who} sends its full chain and that the right CA file is configured"
+    )
+

@@ -1,0 +1,467 @@
+"""The sans-IO connection: bytes in, events out, the state machine as data.
+
+Theory of operation
+-------------------
+A :class:`Connection` owns no socket, task or clock. The I/O layer
+
+* feeds received bytes with :meth:`receive_data` (or, zero-copy, writes them into
+  :meth:`get_buffer` and calls :meth:`buffer_updated`) and gets a list of events back;
+* sends application bytes with :meth:`send_data`, closes its direction with
+  :meth:`close`, and writes out whatever :meth:`data_to_send` returns after each call.
+
+Incoming bytes accumulate in one buffer. Frames are cut from it by their 7-byte head; a
+head is validated against the limits of the current state (which frame types are allowed,
+how long each may be) before any body byte is waited for, so a hostile length costs
+nothing. A protected record is decrypted only once it is complete, and its plaintext is
+returned only after its tag verified.
+
+Any protocol violation is fatal: the connection queues an alert (plaintext while its own
+handshake is incomplete, encrypted after), moves to ``FAILED`` and raises the typed
+:class:`~securechan.SecureChannelError`. Events gathered earlier in the same call are
+dropped with it. After a failure every call raises :class:`ConnectionClosedError`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+from collections.abc import Callable
+
+from .config import ClientConfig, ServerConfig
+from .errors import (
+    AlertCode,
+    ConnectionClosedError,
+    DecodeError,
+    ProtocolError,
+    SecureChannelError,
+    TruncationError,
+    UnexpectedMessageError,
+    error_from_alert,
+)
+from .events import DataReceived, Event, HandshakeComplete, KeysUpdated, PeerClosed, SessionInfo
+from .frames import (
+    HEADER_LEN,
+    MAX_CONTROL_PLAINTEXT,
+    MAX_HANDSHAKE_BODY,
+    TAG_LEN,
+    FrameType,
+    encode_frame,
+    pack_map,
+    parse_header,
+    unpack_map,
+)
+from .handshake import ClientHandshake, Secrets, ServerHandshake, Step
+from .keyschedule import export_keying_material
+from .messages import (
+    CONTROL_MESSAGES,
+    HANDSHAKE_MESSAGES,
+    Alert,
+    CloseNotify,
+    KeyUpdate,
+    decode_message,
+)
+from .record import Opener, Sealer
+
+log = logging.getLogger("securechan")
+
+#: Bytes reserved in the receive buffer beyond one whole frame, so reads stay large.
+_READ_CHUNK = 256 * 1024
+_SMALL_BUFFER = 16 * 1024
+_MIN_FREE = 4096
+#: A peer must update its key before it sends this much under one key (hard ceiling).
+_RECV_LIMIT_RECORDS = 2**25
+_RECV_LIMIT_BYTES = 2**36
+_ALERT_BODY = 64
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(enum.Enum):
+    CLIENT_WAIT_SERVER_HELLO = "client: waiting for ServerHello"
+    CLIENT_WAIT_FINISHED = "client: waiting for the server's Finished"
+    SERVER_WAIT_CLIENT_HELLO = "server: waiting for ClientHello"
+    SERVER_WAIT_KEY_EXCHANGE = "server: waiting for KeyExchange"
+    SERVER_WAIT_FINISHED = "server: waiting for the client's Finished"
+    CONNECTED = "connected"
+    CLOSED = "closed"
+    FAILED = "failed"
+
+
+_HANDSHAKE_LIMITS = {FrameType.HANDSHAKE: MAX_HANDSHAKE_BODY, FrameType.ALERT: _ALERT_BODY}
+_HANDSHAKE_STATES = {
+    State.CLIENT_WAIT_SERVER_HELLO,
+    State.CLIENT_WAIT_FINISHED,
+    State.SERVER_WAIT_CLIENT_HELLO,
+    State.SERVER_WAIT_KEY_EXCHANGE,
+    State.SERVER_WAIT_FINISHED,
+}
+_NEXT_HANDSHAKE_STATE = {
+    State.SERVER_WAIT_CLIENT_HELLO: State.SERVER_WAIT_KEY_EXCHANGE,
+    State.SERVER_WAIT_KEY_EXCHANGE: State.SERVER_WAIT_FINISHED,
+    State.CLIENT_WAIT_SERVER_HELLO: State.CLIENT_WAIT_FINISHED,
+}
+
+
+class Connection:
+    """One securechan connection, client or server, chosen by the type of ``config``.
+
+    ``server_name`` (client only) is the name the server certificate must carry.
+    ``entropy`` supplies every random byte the handshake draws (tests pin it for vectors).
+    """
+
+    def __init__(
+        self,
+        config: ClientConfig | ServerConfig,
+        *,
+        server_name: str | None = None,
+        entropy: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.config = config
+        self._out: list[bytes | bytearray] = []
+        self._buf = bytearray(_SMALL_BUFFER)
+        self._start = 0
+        self._end = 0
+        self._need = 0  # size of the frame being assembled, once its head is validated
+        self._sealer: Sealer | None = None
+        self._opener: Opener | None = None
+        self._send_limit = config.max_record_size
+        self._recv_limits: dict[int, int] = _HANDSHAKE_LIMITS
+        self._handshake_done = False  # we have verified the peer's Finished
+        self._send_closed = False
+        self._recv_closed = False
+        self.session: SessionInfo | None = None
+        self._exporter_secret = b""
+        self.resumption_secret = b""
+        self._hs: ClientHandshake | ServerHandshake | None
+        if isinstance(config, ClientConfig):
+            self.role = Role.CLIENT
+            self._hs = ClientHandshake(config, server_name, entropy)
+            self.state = State.CLIENT_WAIT_SERVER_HELLO
+            self._out.extend(self._hs.start().frames)
+        elif isinstance(config, ServerConfig):
+            self.role = Role.SERVER
+            self._hs = ServerHandshake(config, entropy)
+            self.state = State.SERVER_WAIT_CLIENT_HELLO
+        else:
+            raise TypeError("config must be a securechan.ClientConfig or securechan.ServerConfig")
+
+    # -- state queries ------------------------------------------------------------------
+
+    @property
+    def handshake_complete(self) -> bool:
+        return self._handshake_done
+
+    @property
+    def can_send(self) -> bool:
+        """True while application data may be sent (keys installed and our direction open)."""
+        return self._sealer is not None and not self._send_closed and self.state not in (State.FAILED, State.CLOSED)
+
+    @property
+    def send_closed(self) -> bool:
+        return self._send_closed
+
+    @property
+    def peer_closed(self) -> bool:
+        return self._recv_closed
+
+    # -- output -------------------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        """Everything queued for the wire since the last call."""
+        out = self._out
+        if not out:
+            return b""
+        self._out = []
+        return out[0] if len(out) == 1 and isinstance(out[0], bytes) else b"".join(out)
+
+    def send_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Protect application bytes (split into records of at most the negotiated size)."""
+        self._out.append(self.seal(data))
+
+    def seal(self, data: bytes | bytearray | memoryview) -> bytearray:
+        """Return the records protecting ``data`` without queueing them (the fast path)."""
+        if not self.can_send:
+            self._raise_cannot_send()
+        sealer = self._sealer
+        assert sealer is not None
+        view = memoryview(data).cast("B")
+        total = len(view)
+        limit = self._send_limit
+        count = -(-total // limit) if total else 0
+        out = bytearray(total + count * (HEADER_LEN + TAG_LEN))
+        pos = 0
+        for start in range(0, total, limit):
+            if sealer.seq >= self.config.key_update_records or sealer.bytes >= self.config.key_update_bytes:
+                # Rare: ratchet first. The KeyUpdate record must precede what follows it.
+                pre = self._key_update_frame(request_update=False)
+                out[pos:pos] = pre
+                pos += len(pre)
+            pos = sealer.seal_into(FrameType.APPLICATION_DATA, view[start : start + limit], out, pos)
+        return out
+
+    def _raise_cannot_send(self) -> None:
+        if self.state is State.FAILED:
+            raise ConnectionClosedError("cannot send: the connection failed")
+        if self._send_closed:
+            raise ConnectionClosedError("cannot send: this side already closed its direction (close_notify sent)")
+        raise ConnectionClosedError("cannot send before the handshake has produced traffic keys")
+
+    def close(self) -> None:
+        """Send close_notify: we will send nothing more. Reading may continue (half-close)."""
+        if self._send_closed or self.state is State.FAILED:
+            return
+        if self._sealer is None:
+            # Handshake not far enough for protected records: abandon it with an alert.
+            self._queue_alert(AlertCode.USER_CANCELED)
+            self.state = State.FAILED
+            self._send_closed = True
+            return
+        self._out.append(self._sealer.seal(FrameType.CONTROL, pack_map(CloseNotify().encode())))
+        self._send_closed = True
+        if self._recv_closed:
+            self.state = State.CLOSED
+            self._wipe()
+
+    def update_keys(self, request_peer: bool = True) -> None:
+        """Ratchet our sending key now; with ``request_peer`` the peer ratchets its own too."""
+        if not self.can_send:
+            self._raise_cannot_send()
+        self._out.append(self._key_update_frame(request_update=request_peer))
+
+    def _key_update_frame(self, request_update: bool) -> bytes:
+        sealer = self._sealer
+        assert sealer is not None
+        frame = sealer.seal(FrameType.CONTROL, pack_map(KeyUpdate(request_update=request_update).encode()))
+        sealer.update()
+        log.debug("%s: sending key updated (generation %d)", self.role.value, sealer.generation)
+        return frame
+
+    def abort(self, error: SecureChannelError) -> None:
+        """Fail the connection from outside (e.g. a timeout): queue the alert for ``error``."""
+        if self.state is not State.FAILED:
+            self._fail(error)
+
+    # -- input --------------------------------------------------------------------------
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """A writable view to receive into; follow with :meth:`buffer_updated`."""
+        if len(self._buf) - self._end < _MIN_FREE or self._need > len(self._buf) - self._start:
+            self._make_room()
+        return memoryview(self._buf)[self._end :]
+
+    def _make_room(self) -> None:
+        buf, start, end = self._buf, self._start, self._end
+        pending = end - start
+        # ``_need`` is the whole size of a frame whose head was already validated.
+        bulk = len(buf) > _SMALL_BUFFER or self._need > _SMALL_BUFFER
+        size = max(pending + _MIN_FREE, self._need + _MIN_FREE, _READ_CHUNK if bulk else _SMALL_BUFFER)
+        if size <= len(buf):
+            buf[:pending] = buf[start:end]
+        else:
+            new = bytearray(size)
+            new[:pending] = memoryview(buf)[start:end]
+            self._buf = new
+        self._start, self._end = 0, pending
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Feed bytes from the transport; returns the events they complete."""
+        view = memoryview(data).cast("B")
+        events: list[Event] = []
+        while view:
+            target = self.get_buffer(len(view))
+            n = min(len(target), len(view))
+            target[:n] = view[:n]
+            view = view[n:]
+            events.extend(self.buffer_updated(n))
+        return events
+
+    def receive_eof(self) -> list[Event]:
+        """The transport reached EOF. Without a prior close_notify that is a truncation."""
+        if self._recv_closed or self.state is State.FAILED:
+            return []
+        if self._end > self._start:
+            self._fail_silently()
+            raise TruncationError("the connection ended in the middle of a frame (truncated stream)")
+        if not self._handshake_done:
+            self._fail_silently()
+            raise TruncationError(
+                f"the peer closed the connection during the handshake ({self.state.value}); "
+                "it may not be a securechan endpoint, or it rejected us without an alert"
+            )
+        self._fail_silently()
+        raise TruncationError(
+            "the peer's TCP stream ended without close_notify: the data may have been cut short by the network "
+            "or an attacker; treat what was received as incomplete"
+        )
+
+    def buffer_updated(self, nbytes: int) -> list[Event]:
+        if self.state is State.FAILED:
+            raise ConnectionClosedError("the connection has failed; no more data is accepted")
+        self._end += nbytes
+        events: list[Event] = []
+        buf = self._buf
+        try:
+            while True:
+                pos = self._start
+                avail = self._end - pos
+                if avail < HEADER_LEN:
+                    break
+                head = bytes(buf[pos : pos + HEADER_LEN])
+                ftype, length = parse_header(head, self._recv_limits)
+                end = pos + HEADER_LEN + length
+                if end > self._end:
+                    self._need = end - pos
+                    break
+                self._need = 0
+                body = memoryview(buf)[pos + HEADER_LEN : end]
+                if ftype is FrameType.APPLICATION_DATA:
+                    data = self._open(head, body)
+                    if data:
+                        events.append(DataReceived(data))
+                else:
+                    self._dispatch(ftype, head, body, events)
+                self._start = end
+                buf = self._buf
+        except SecureChannelError as exc:
+            self._fail(exc)
+            raise
+        if self._start == self._end:
+            self._start = self._end = 0
+            if len(self._buf) > _SMALL_BUFFER and nbytes < len(self._buf) // 2:
+                # Idle between bursts: give the large buffer back so idle connections stay small.
+                self._buf = bytearray(_SMALL_BUFFER)
+        return events
+
+    def _open(self, head: bytes, body: memoryview) -> bytes:
+        opener = self._opener
+        assert opener is not None
+        if len(body) < TAG_LEN:
+            raise DecodeError("protected record shorter than its tag")
+        if opener.seq >= _RECV_LIMIT_RECORDS or opener.bytes >= _RECV_LIMIT_BYTES:
+            raise ProtocolError("the peer exceeded the per-key usage limit without a key update")
+        return bytes(opener.open(head, body))
+
+    def _dispatch(self, ftype: FrameType, head: bytes, body: memoryview, events: list[Event]) -> None:
+        if ftype is FrameType.HANDSHAKE:
+            self._on_handshake(bytes(head) + bytes(body), body, events)
+        elif ftype is FrameType.CONTROL:
+            self._on_control(self._open(head, body), events)
+        else:  # FrameType.ALERT: plaintext, unauthenticated, always fatal
+            alert = Alert.decode(unpack_map(body, _ALERT_BODY))
+            if alert.code == AlertCode.CLOSE_NOTIFY:
+                raise UnexpectedMessageError("peer sent close_notify in plaintext; only a protected close_notify ends a stream")
+            self._fail_silently()
+            raise error_from_alert(alert.code, authenticated=False)
+
+    def _on_handshake(self, frame: bytes, body: memoryview, events: list[Event]) -> None:
+        hs = self._hs
+        if hs is None or self.state not in _HANDSHAKE_STATES:
+            raise UnexpectedMessageError("handshake message after the handshake completed")
+        message = decode_message(unpack_map(body, MAX_HANDSHAKE_BODY), HANDSHAKE_MESSAGES)
+        step: Step = hs.handle(message, frame)
+        self._out.extend(step.frames)
+        if step.secrets is not None:
+            self._install(step.secrets)
+        if step.complete:
+            self._complete(events)
+        elif self.state in _NEXT_HANDSHAKE_STATE:
+            self.state = _NEXT_HANDSHAKE_STATE[self.state]
+
+    def _install(self, s: Secrets) -> None:
+        client = self.role is Role.CLIENT
+        self._sealer = Sealer(s.suite, s.client_traffic if client else s.server_traffic)
+        self._opener = Opener(s.suite, s.server_traffic if client else s.client_traffic)
+        self._send_limit = s.send_record_limit
+        self._exporter_secret = s.exporter
+        self.resumption_secret = s.resumption
+        hs = self._hs
+        assert hs is not None
+        self.session = SessionInfo(
+            version=s.version,
+            suite=s.suite.label,
+            resumed=s.resumed,
+            role=self.role.value,
+            server_name=hs.server_name,
+            peer_chain=s.peer_chain,
+            max_record_size=s.send_record_limit,
+            _exporter=self._export,
+        )
+        s.client_traffic = s.server_traffic = s.exporter = s.resumption = b""
+
+    def _complete(self, events: list[Event]) -> None:
+        assert self.session is not None
+        self._handshake_done = True
+        self._hs = None
+        self.state = State.CONNECTED
+        self._recv_limits = {
+            FrameType.APPLICATION_DATA: self.config.max_record_size + TAG_LEN,
+            FrameType.CONTROL: MAX_CONTROL_PLAINTEXT + TAG_LEN,
+            FrameType.ALERT: _ALERT_BODY,
+        }
+        events.append(HandshakeComplete(self.session))
+
+    def _export(self, label: bytes, context: bytes, length: int) -> bytes:
+        if not self._exporter_secret:
+            raise ConnectionClosedError("the exporter is gone: the connection was closed and its secrets wiped")
+        return export_keying_material(self._exporter_secret, label, context, length)
+
+    def _on_control(self, plaintext: bytes, events: list[Event]) -> None:
+        message = decode_message(unpack_map(plaintext, MAX_CONTROL_PLAINTEXT), CONTROL_MESSAGES)
+        if isinstance(message, CloseNotify):
+            self._recv_closed = True
+            self._recv_limits = {}  # nothing may follow close_notify
+            events.append(PeerClosed())
+            if self._send_closed:
+                self.state = State.CLOSED
+                self._wipe()
+        elif isinstance(message, KeyUpdate):
+            opener = self._opener
+            assert opener is not None
+            opener.update()
+            log.debug("%s: receiving key updated (generation %d)", self.role.value, opener.generation)
+            events.append(KeysUpdated(sending=False, generation=opener.generation))
+            if message.request_update and self.can_send:
+                self._out.append(self._key_update_frame(request_update=False))
+                assert self._sealer is not None
+                events.append(KeysUpdated(sending=True, generation=self._sealer.generation))
+        elif isinstance(message, Alert):
+            self._fail_silently()
+            raise error_from_alert(message.code, authenticated=True)
+        else:
+            raise UnexpectedMessageError(f"{message.TYPE} is not valid on this connection")
+
+    # -- failure ------------------------------------------------------------------------
+
+    def _queue_alert(self, code: AlertCode) -> None:
+        if self._send_closed:
+            return  # close_notify already ended our direction; the peer accepts nothing more
+        body = pack_map(Alert(code=int(code)).encode())
+        if self._handshake_done and self._sealer is not None:
+            self._out.append(self._sealer.seal(FrameType.CONTROL, body))
+        else:
+            self._out.append(encode_frame(FrameType.ALERT, body))
+
+    def _fail(self, error: SecureChannelError) -> None:
+        if self.state is State.FAILED:
+            return
+        if not error.remote:
+            self._queue_alert(error.alert)
+        self._fail_silently()
+
+    def _fail_silently(self) -> None:
+        self.state = State.FAILED
+        self._recv_limits = {}
+        self._wipe()
+
+    def _wipe(self) -> None:
+        """Drop references to key material (see docs/SECURITY.md for what Python can promise)."""
+        for direction in (self._sealer, self._opener):
+            if direction is not None:
+                direction.wipe()
+        self._exporter_secret = b""
+        self.resumption_secret = b""
+        self._hs = None

@@ -1,0 +1,312 @@
+"""Handshake, alert and control messages: dataclasses with strict to/from msgpack-map codecs.
+
+Each ``decode`` checks every field's type and bounds and refuses missing required fields.
+Unknown keys are refused everywhere except in ClientHello, where they are ignored so that
+a later client can offer extensions to this server (the transcript still covers them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import DecodeError
+from .frames import MAX_RECORD_SIZE, MIN_RECORD_SIZE
+
+MAX_CERT_LEN = 16 * 1024
+MAX_CHAIN_LEN = 8
+MAX_WRAPPED_KEY_LEN = 1024  # RSA-8192
+MAX_SIGNATURE_LEN = 1024
+MAX_TICKET_LEN = 4096
+MAX_NAME_LEN = 253
+MAX_LIST_LEN = 16
+
+
+def _get(m: dict[str, Any], key: str, kind: type | tuple[type, ...], required: bool = True) -> Any:
+    if key not in m:
+        if required:
+            raise DecodeError(f"{m.get('type', 'message')}: missing field {key!r}")
+        return None
+    value = m[key]
+    # bool is an int subclass; never accept one for the other.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise DecodeError(f"{m.get('type', 'message')}: field {key!r} has the wrong type")
+    return value
+
+
+def _int(m: dict[str, Any], key: str, lo: int, hi: int, required: bool = True) -> Any:
+    value = _get(m, key, int, required)
+    if value is not None and not lo <= value <= hi:
+        raise DecodeError(f"{m.get('type', 'message')}: field {key!r} out of range")
+    return value
+
+
+def _bin(m: dict[str, Any], key: str, lo: int, hi: int, required: bool = True) -> Any:
+    value = _get(m, key, bytes, required)
+    if value is not None and not lo <= len(value) <= hi:
+        raise DecodeError(f"{m.get('type', 'message')}: field {key!r} has a bad length")
+    return value
+
+
+def _int_list(m: dict[str, Any], key: str) -> tuple[int, ...]:
+    value = _get(m, key, list)
+    if not 1 <= len(value) <= MAX_LIST_LEN or not all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**16 for v in value
+    ):
+        raise DecodeError(f"{m.get('type', 'message')}: field {key!r} must be a list of 1-16 small integers")
+    return tuple(value)
+
+
+def _bin_list(m: dict[str, Any], key: str, max_items: int, max_item: int, required: bool = True) -> Any:
+    value = _get(m, key, list, required)
+    if value is None:
+        return None
+    if not 1 <= len(value) <= max_items or not all(isinstance(v, bytes) and 0 < len(v) <= max_item for v in value):
+        raise DecodeError(f"{m.get('type', 'message')}: field {key!r} must be a list of 1-{max_items} byte strings")
+    return tuple(value)
+
+
+def _exact_keys(m: dict[str, Any], allowed: set[str]) -> None:
+    extra = set(m) - allowed
+    if extra:
+        raise DecodeError(f"{m.get('type', 'message')}: unexpected fields {sorted(extra)}")
+
+
+@dataclass(frozen=True)
+class ClientHello:
+    TYPE: ClassVar[str] = "client_hello"
+    versions: tuple[int, ...]
+    random: bytes
+    suites: tuple[int, ...]
+    key_wraps: tuple[int, ...]
+    x25519: bytes
+    max_record: int
+    server_name: str | None = None
+    #: Opaque session ticket for resumption (see docs/PROTOCOL.md).
+    ticket: bytes | None = None
+
+    def encode(self) -> dict[str, Any]:
+        m: dict[str, Any] = {
+            "type": self.TYPE,
+            "versions": list(self.versions),
+            "random": self.random,
+            "suites": list(self.suites),
+            "key_wraps": list(self.key_wraps),
+            "x25519": self.x25519,
+            "max_record": self.max_record,
+        }
+        if self.server_name is not None:
+            m["server_name"] = self.server_name
+        if self.ticket is not None:
+            m["ticket"] = self.ticket
+        return m
+
+    @classmethod
+    def decode(cls, m: dict[str, Any]) -> ClientHello:
+        name = _get(m, "server_name", str, required=False)
+        if name is not None and not 0 < len(name) <= MAX_NAME_LEN:
+            raise DecodeError("client_hello: server_name has a bad length")
+        return cls(
+            versions=_int_list(m, "versions"),
+            random=_bin(m, "random", 32, 32),
+            suites=_int_list(m, "suites"),
+            key_wraps=_int_list(m, "key_wraps"),
+            x25519=_bin(m, "x25519", 32, 32),
+            max_record=_int(m, "max_record", MIN_RECORD_SIZE, MAX_RECORD_SIZE),
+            server_name=name,
+            ticket=_bin(m, "ticket", 1, MAX_TICKET_LEN, required=False),
+        )
+
+
+@dataclass(frozen=True)
+class ServerHello:
+    TYPE: ClassVar[str] = "server_hello"
+    version: int
+    random: bytes
+    suite: int
+    key_wrap: int
+    x25519: bytes
+    max_record: int
+    certificates: tuple[bytes, ...] = ()
+    #: Signature schemes the server accepts for a client certificate; empty = none requested.
+    client_auth: tuple[int, ...] = ()
+    #: True when the server accepted the ClientHello's ticket (resumed handshake).
+    resumed: bool = False
+
+    def encode(self) -> dict[str, Any]:
+        m: dict[str, Any] = {
+            "type": self.TYPE,
+            "version": self.version,
+            "random": self.random,
+            "suite": self.suite,
+            "key_wrap": self.key_wrap,
+            "x25519": self.x25519,
+            "max_record": self.max_record,
+        }
+        if self.certificates:
+            m["certificates"] = list(self.certificates)
+        if self.client_auth:
+            m["client_auth"] = list(self.client_auth)
+        if self.resumed:
+            m["resumed"] = True
+        return m
+
+    @classmethod
+    def decode(cls, m: dict[str, Any]) -> ServerHello:
+        _exact_keys(
+            m,
+            {"type", "version", "random", "suite", "key_wrap", "x25519", "max_record", "certificates",
+             "client_auth", "resumed"},
+        )
+        resumed = _get(m, "resumed", bool, required=False) or False
+        certs = _bin_list(m, "certificates", MAX_CHAIN_LEN, MAX_CERT_LEN, required=not resumed)
+        if resumed and certs:
+            raise DecodeError("server_hello: a resumed handshake carries no certificates")
+        return cls(
+            version=_int(m, "version", 0, 2**16 - 1),
+            random=_bin(m, "random", 32, 32),
+            suite=_int(m, "suite", 0, 2**16 - 1),
+            key_wrap=_int(m, "key_wrap", 0, 2**16 - 1),
+            x25519=_bin(m, "x25519", 32, 32),
+            max_record=_int(m, "max_record", MIN_RECORD_SIZE, MAX_RECORD_SIZE),
+            certificates=certs or (),
+            client_auth=_int_list(m, "client_auth") if "client_auth" in m else (),
+            resumed=resumed,
+        )
+
+
+@dataclass(frozen=True)
+class KeyExchange:
+    TYPE: ClassVar[str] = "key_exchange"
+    wrapped_key: bytes
+
+    def encode(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "wrapped_key": self.wrapped_key}
+
+    @classmethod
+    def decode(cls, m: dict[str, Any]) -> KeyExchange:
+        _exact_keys(m, {"type", "wrapped_key"})
+        return cls(wrapped_key=_bin(m, "wrapped_key", 1, MAX_WRAPPED_KEY_LEN))
+
+
+@dataclass(frozen=True)
+class ClientCertificate:
+    """The client's chain and its signature over the transcript (mutual authentication)."""
+
+    TYPE: ClassVar[str] = "client_certificate"
+    certificates: tuple[bytes, ...]
+    scheme: int
+    signature: bytes
+
+    def encode(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "certificates": list(self.certificates),
+            "scheme": self.scheme,
+            "signature": self.signature,
+        }
+
+    @classmethod
+    def decode(cls, m: dict[str, Any]) -> ClientCertificate:
+        _exact_keys(m, {"type", "certificates", "scheme", "signature"})
+        return cls(
+            certificates=_bin_list(m, "certificates", MAX_CHAIN_LEN, MAX_CERT_LEN),
+            scheme=_int(m, "scheme", 0, 2**16 - 1),
+            signature=_bin(m, "signature", 1, MAX_SIGNATURE_LEN),
+        )
+
+
+@dataclass(frozen=True)
+class Finished:
+    TYPE: ClassVar[str] = "finished"
+    mac: bytes
+
+    def encode(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "mac": self.mac}
+
+    @classmethod
+    def decode(cls, m: dict[str, Any]) -> Finished:
+        _exact_keys(m, {"type", "mac"})
+        return cls(mac=_bin(m, "mac", 32, 32))
+
+
+@dataclass(frozen=True)
+class Alert:
+    TYPE: ClassVar[str] = "alert"
+    code: int
+
+    def encode(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "code": self.code}
+
+    @classmethod
+    def decode(cls, m: dict[str, Any]) -> Alert:
+        _exact_keys(m, {"type", "code"})
+        return cls(code=_int(m, "code", 0, 255))
+
+
+@dataclass(frozen=True)
+class CloseNotify:
+    TYPE: ClassVar[str] = "close_notify"
+
+    def encode(self) -> dict[str, Any]:
+        return {"type": self.TYPE}
+
+    @classmethod
+    def decode(cls, m: dict[str, Any]) -> CloseNotify:
+        _exact_keys(m, {"type"})
+        return cls()
+
+
+@dataclass(frozen=True)
+class KeyUpdate:
+    TYPE: ClassVar[str] = "key_update"
+    request_update: bool
+
+    def encode(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "request_update": self.request_update}
+
+    @classmethod
+    def decode(cls, m: dict[str, Any]) -> KeyUpdate:
+        _exact_keys(m, {"type", "request_update"})
+        return cls(request_update=_get(m, "request_update", bool))
+
+
+@dataclass(frozen=True)
+class NewTicket:
+    """A session ticket the server issues after a full handshake (see docs/PROTOCOL.md)."""
+
+    TYPE: ClassVar[str] = "new_ticket"
+    ticket: bytes
+    lifetime: int
+    nonce: bytes = field(default=b"")
+
+    def encode(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "ticket": self.ticket, "lifetime": self.lifetime, "nonce": self.nonce}
+
+    @classmethod
+    def decode(cls, m: dict[str, Any]) -> NewTicket:
+        _exact_keys(m, {"type", "ticket", "lifetime", "nonce"})
+        return cls(
+            ticket=_bin(m, "ticket", 1, MAX_TICKET_LEN),
+            lifetime=_int(m, "lifetime", 1, 7 * 24 * 3600),
+            nonce=_bin(m, "nonce", 0, 32),
+        )
+
+
+HANDSHAKE_MESSAGES: dict[str, Any] = {
+    cls.TYPE: cls for cls in (ClientHello, ServerHello, KeyExchange, ClientCertificate, Finished)
+}
+CONTROL_MESSAGES: dict[str, Any] = {cls.TYPE: cls for cls in (Alert, CloseNotify, KeyUpdate, NewTicket)}
+
+HandshakeMessage = ClientHello | ServerHello | KeyExchange | ClientCertificate | Finished
+ControlMessage = Alert | CloseNotify | KeyUpdate | NewTicket
+
+
+def decode_message(m: dict[str, Any], table: dict[str, Any]) -> Any:
+    kind = m.get("type")
+    if not isinstance(kind, str):
+        raise DecodeError("message has no 'type' field")
+    cls = table.get(kind)
+    if cls is None:
+        raise DecodeError(f"unknown message type {kind[:32]!r}")
+    return cls.decode(m)

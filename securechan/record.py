@@ -1,0 +1,92 @@
+"""Record protection, one object per direction.
+
+nonce = iv XOR seq (seq is a 64-bit big-endian counter in the last 8 bytes of the 12-byte
+iv); the counter starts at 0 for every traffic secret and is never reset otherwise, so a
+(key, nonce) pair is never used twice. The frame head is the AAD, so a record's type and
+length are authenticated along with its body. A sequence mismatch (dropped, reordered,
+replayed or foreign record) surfaces as a tag failure.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from cryptography.exceptions import InvalidTag
+
+from .errors import BadRecordMACError, InternalError
+from .frames import HEADER_LEN, TAG_LEN, FrameType
+from .keyschedule import next_traffic_secret, traffic_key_iv
+from .suites import Suite
+
+_HEAD = struct.Struct(">BBBI")
+_SEQ_LIMIT = 2**64 - 1
+
+
+class _Direction:
+    def __init__(self, suite: Suite, secret: bytes) -> None:
+        self.suite = suite
+        self.generation = 0
+        self._install(secret)
+
+    def _install(self, secret: bytes) -> None:
+        key, iv = traffic_key_iv(secret, self.suite)
+        self._secret = secret
+        self._aead = self.suite.aead(key)
+        self._iv = int.from_bytes(iv, "big")
+        #: records and plaintext bytes protected under the current key
+        self.seq = 0
+        self.bytes = 0
+
+    def _next_nonce(self) -> bytes:
+        seq = self.seq
+        if seq >= _SEQ_LIMIT:  # unreachable with automatic key updates; never wrap
+            raise InternalError("record sequence number exhausted; the connection must be re-established")
+        self.seq = seq + 1
+        return (self._iv ^ seq).to_bytes(12, "big")
+
+    def update(self) -> None:
+        """Ratchet to the next traffic secret (KeyUpdate)."""
+        self._install(next_traffic_secret(self._secret))
+        self.generation += 1
+
+    def wipe(self) -> None:
+        self._secret = b""
+        self._iv = 0
+
+
+class Sealer(_Direction):
+    """Protects outgoing records."""
+
+    def seal_into(self, ftype: FrameType, payload: memoryview | bytes, out: bytearray, offset: int) -> int:
+        """Write one whole frame (head + ciphertext + tag) into ``out`` at ``offset``; return the new offset."""
+        n = len(payload)
+        head = _HEAD.pack(0x92, ftype, 0xC6, n + TAG_LEN)
+        end = offset + HEADER_LEN + n + TAG_LEN
+        out[offset : offset + HEADER_LEN] = head
+        self._aead.encrypt_into(  # type: ignore[union-attr]
+            self._next_nonce(), payload, head, memoryview(out)[offset + HEADER_LEN : end]
+        )
+        self.bytes += n
+        return end
+
+    def seal(self, ftype: FrameType, payload: bytes) -> bytes:
+        out = bytearray(HEADER_LEN + len(payload) + TAG_LEN)
+        self.seal_into(ftype, payload, out, 0)
+        return bytes(out)
+
+
+class Opener(_Direction):
+    """Authenticates and decrypts incoming records. Nothing is returned unless the tag verifies."""
+
+    def open(self, head: bytes | memoryview, body: memoryview) -> bytearray:
+        out = bytearray(len(body) - TAG_LEN)
+        nonce = self._next_nonce()
+        try:
+            self._aead.decrypt_into(nonce, body, head, out)  # type: ignore[union-attr]
+        except InvalidTag:
+            raise BadRecordMACError(
+                "a record failed authentication (tampered, reordered, replayed or injected); "
+                "the connection was closed and none of its bytes were delivered"
+            ) from None
+        self.bytes += len(out)
+        return out
