@@ -240,6 +240,13 @@ class Connection:
         log.debug("%s: sending key updated (generation %d)", self.role.value, sealer.generation)
         return frame
 
+    def discard(self) -> None:
+        """The transport is gone: wipe secrets and refuse further use."""
+        if self.state is not State.CLOSED:
+            self.state = State.FAILED
+        self._recv_limits = {}
+        self._wipe()
+
     def abort(self, error: SecureChannelError) -> None:
         """Fail the connection from outside (e.g. a timeout): queue the alert for ``error``."""
         if self.state is not State.FAILED:

@@ -1,0 +1,310 @@
+"""asyncio adapter: a BufferedProtocol on the TCP transport that gives the app protocol a transport.
+
+Theory of operation
+-------------------
+:class:`SecureProtocol` is what asyncio's TCP transport talks to. It drives one sans-IO
+:class:`~securechan.Connection`: the kernel reads straight into the connection's receive
+buffer (``get_buffer``/``buffer_updated``), and whatever the connection queues is written
+to the TCP transport at once, so the only write buffer is the TCP transport's own.
+
+The application protocol is created when the connection object is, but it sees
+``connection_made`` only after the handshake completed (the peer's Finished verified), with
+a :class:`SecureTransport`. Until then nothing reaches it. A handshake failure resolves the
+waiter future with the typed error (``create_connection`` raises it) and the app protocol
+never hears of the connection.
+
+Flow control is delegated in both directions: the app's ``pause_reading`` pauses the TCP
+transport (at most one read's worth of records is still delivered), and the TCP
+transport's ``pause_writing``/``resume_writing`` are forwarded to the app protocol, which
+is what ``StreamWriter.drain()`` waits on.
+
+Closing: ``write_eof()`` sends close_notify then shuts down the TCP write side;
+``close()`` sends close_notify and closes. Receiving close_notify calls the app's
+``eof_received``; a TCP EOF without it is a :class:`TruncationError`, delivered through
+``connection_lost``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from .connection import Connection
+from .errors import ConnectionClosedError, HandshakeTimeoutError, SecureChannelError
+from .events import DataReceived, HandshakeComplete, KeysUpdated, PeerClosed, SessionInfo
+
+log = logging.getLogger("securechan")
+
+
+class SecureProtocol(asyncio.BufferedProtocol):
+    def __init__(
+        self,
+        connection: Connection,
+        app_protocol_factory: Callable[[], asyncio.BaseProtocol],
+        waiter: asyncio.Future[None] | None,
+        handshake_timeout: float | None,
+    ) -> None:
+        self._conn = connection
+        self._app_factory = app_protocol_factory
+        self._waiter = waiter
+        self._timeout = handshake_timeout
+        self._timer: asyncio.TimerHandle | None = None
+        self._tcp: asyncio.Transport | None = None
+        self.app_protocol: asyncio.BaseProtocol | None = None
+        self.app_transport: SecureTransport | None = None
+        self._error: BaseException | None = None
+        self._app_paused_writing = False
+        self._peer: Any = None
+        self.on_handshake_failed: Callable[[SecureProtocol, BaseException], None] | None = None
+
+    # -- asyncio.BaseProtocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._tcp = transport
+        self._peer = transport.get_extra_info("peername")
+        if self._timeout is not None:
+            self._timer = asyncio.get_running_loop().call_later(self._timeout, self._handshake_timed_out)
+        self._flush()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._conn.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            events = self._conn.buffer_updated(nbytes)
+        except SecureChannelError as exc:
+            self._fatal(exc)
+            return
+        self._flush()
+        self._handle(events)
+
+    def _handle(self, events: list[Any]) -> None:
+        app = self.app_protocol
+        for event in events:
+            if type(event) is DataReceived:
+                if app is not None and self.app_transport is not None and not self.app_transport._closed:
+                    app.data_received(event.data)  # type: ignore[attr-defined]
+            elif isinstance(event, HandshakeComplete):
+                self._on_handshake_complete(event.session)
+                app = self.app_protocol
+            elif isinstance(event, PeerClosed):
+                self._on_peer_closed()
+            elif isinstance(event, KeysUpdated):
+                pass  # logged by the connection at debug level
+
+    def eof_received(self) -> bool:
+        try:
+            self._conn.receive_eof()
+        except SecureChannelError as exc:
+            self._fatal(exc)
+            return False
+        # Clean EOF after close_notify: like a plain TCP transport, stay open until the app closes.
+        return self.app_transport is not None and not self.app_transport._closed
+
+    def pause_writing(self) -> None:
+        self._app_paused_writing = True
+        if self.app_protocol is not None:
+            self.app_protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._app_paused_writing = False
+        if self.app_protocol is not None:
+            self.app_protocol.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        error = self._error or exc
+        if self._waiter is not None and not self._waiter.done():
+            if error is None:
+                try:
+                    self._conn.receive_eof()
+                except SecureChannelError as eof_error:
+                    error = eof_error
+            self._waiter.set_exception(error or ConnectionClosedError("connection closed during the handshake"))
+            self._waiter = None
+        if self.app_transport is not None:
+            self.app_transport._closed = True
+        if self.app_protocol is not None and self.app_transport is not None:
+            app, self.app_protocol = self.app_protocol, None
+            app.connection_lost(error)  # type: ignore[arg-type]
+        self._conn.discard()
+        self._tcp = None
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        data = self._conn.data_to_send()
+        if data and self._tcp is not None and not self._tcp.is_closing():
+            self._tcp.write(data)
+
+    def _on_handshake_complete(self, session: SessionInfo) -> None:
+        self._cancel_timer()
+        assert self._tcp is not None
+        self.app_transport = SecureTransport(self, self._tcp, self._conn, session)
+        self.app_protocol = self._app_factory()
+        self.app_protocol.connection_made(self.app_transport)
+        if self._app_paused_writing:
+            self.app_protocol.pause_writing()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        self._waiter = None
+
+    def _on_peer_closed(self) -> None:
+        app = self.app_protocol
+        keep_open = bool(app.eof_received()) if isinstance(app, asyncio.Protocol) else False
+        if not keep_open and self.app_transport is not None:
+            self.app_transport.close()
+
+    def _handshake_timed_out(self) -> None:
+        self._timer = None
+        if self._conn.handshake_complete:
+            return
+        where = f" with {self._peer[0]}:{self._peer[1]}" if isinstance(self._peer, tuple) else ""
+        self._fatal(
+            HandshakeTimeoutError(
+                f"the handshake{where} did not complete within {self._timeout:g} s "
+                f"({self._conn.state.value}); is the peer a securechan endpoint, and is the path open?"
+            ),
+            abort_connection=True,
+        )
+
+    def _fatal(self, exc: SecureChannelError, abort_connection: bool = False) -> None:
+        if self._error is None:
+            self._error = exc
+        if abort_connection:
+            self._conn.abort(exc)
+        self._flush()  # the alert, if any
+        if not self._conn.handshake_complete and self.on_handshake_failed is not None:
+            self.on_handshake_failed(self, exc)
+        self._close_tcp()
+
+    def _close_tcp(self) -> None:
+        self._cancel_timer()
+        if self._tcp is not None and not self._tcp.is_closing():
+            self._tcp.close()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # -- called by SecureTransport ------------------------------------------------------
+
+    def _app_write(self, data: bytes | bytearray | memoryview) -> None:
+        tcp = self._tcp
+        if tcp is None or self._error is not None:
+            return  # the connection is gone; drain()/read() report why
+        tcp.write(self._conn.seal(data))
+
+    def _app_write_eof(self) -> None:
+        if self._conn.send_closed:
+            return
+        self._conn.close()
+        self._flush()
+        if self._tcp is not None and self._tcp.can_write_eof() and not self._tcp.is_closing():
+            try:
+                self._tcp.write_eof()
+            except OSError:
+                pass  # the peer is already gone; connection_lost reports it
+
+    def _app_close(self) -> None:
+        if not self._conn.send_closed and self._error is None:
+            self._conn.close()
+            self._flush()
+        self._close_tcp()
+
+    def _app_abort(self) -> None:
+        if self._tcp is not None:
+            self._tcp.abort()
+
+
+class SecureTransport(asyncio.Transport):
+    """The transport an application protocol sees: plaintext in, records out."""
+
+    def __init__(self, proto: SecureProtocol, tcp: asyncio.Transport, conn: Connection, session: SessionInfo) -> None:
+        super().__init__({"securechan": session, "peercert": session.peer_certificate})
+        self._proto = proto
+        self._tcp = tcp
+        self._conn = conn
+        self._closed = False
+        self._eof_written = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name in ("securechan", "peercert"):
+            return self._extra[name]
+        if name == "peer_chain":
+            return self._extra["securechan"].peer_chain
+        if name == "cipher":
+            session = self._extra["securechan"]
+            return (session.suite, f"securechan/{session.version}", 256 if "256" in session.suite or "CHACHA" in session.suite else 128)
+        return self._tcp.get_extra_info(name, default)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data: expecting a bytes-like instance, got {type(data).__name__}")
+        if not data:
+            return
+        if self._eof_written:
+            raise ConnectionClosedError("cannot write after write_eof()/close(): close_notify was already sent")
+        if self._closed:
+            return  # lost connection: as asyncio does, drop; drain() raises the cause
+        self._proto._app_write(data)
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def write_eof(self) -> None:
+        if self._eof_written:
+            return
+        self._eof_written = True
+        self._proto._app_write_eof()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._eof_written = True
+        self._proto._app_close()
+
+    def is_closing(self) -> bool:
+        return self._closed or self._tcp.is_closing()
+
+    def abort(self) -> None:
+        self._closed = True
+        self._eof_written = True
+        self._proto._app_abort()
+
+    def pause_reading(self) -> None:
+        self._tcp.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._tcp.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._tcp.is_reading()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._tcp.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self._tcp.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._tcp.get_write_buffer_limits()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._proto.app_protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._proto.app_protocol  # type: ignore[return-value]
+
+    def update_keys(self, request_peer: bool = True) -> None:
+        """Ratchet the traffic keys now (they are also ratcheted automatically by volume)."""
+        self._conn.update_keys(request_peer)
+        self._proto._flush()

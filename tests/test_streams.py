@@ -1,0 +1,292 @@
+"""The stream API over real loopback TCP: round trips, integrity, half-close, key update, extra info."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+
+import pytest
+
+import securechan
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(1 << 20):
+        writer.write(data)
+        await writer.drain()
+    writer.write_eof()
+    await writer.drain()
+    writer.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 100_000, 20 * 1024 * 1024])
+async def test_round_trip_integrity(serve, server_config, client_config, size: int) -> None:
+    _, port = await serve(echo, server_config)
+    reader, writer = await securechan.open_connection("127.0.0.1", port, config=client_config)
+    payload = os.urandom(size)
+
+    async def send() -> None:
+        view = memoryview(payload)
+        for i in range(0, len(view), 1 << 20):
+            writer.write(view[i : i + (1 << 20)])
+            await writer.drain()
+        writer.write_eof()
+
+    sender = asyncio.create_task(send())
+    received = await reader.read(-1)
+    await sender
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+    assert reader.at_eof()
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_concurrent_both_directions(serve, server_config, client_config) -> None:
+    """Both sides stream at once; each stream's hash matches at the far end."""
+    up = os.urandom(8 * 1024 * 1024)
+    down = os.urandom(8 * 1024 * 1024)
+    got_up: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def push() -> None:
+            writer.write(down)
+            await writer.drain()
+            writer.write_eof()
+
+        pusher = asyncio.create_task(push())
+        got_up.append(await reader.read(-1))
+        await pusher
+        writer.close()
+
+    _, port = await serve(handler, server_config)
+    reader, writer = await securechan.open_connection("127.0.0.1", port, config=client_config)
+    writer.write(up)
+    writer.write_eof()
+    got_down = await reader.read(-1)
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    assert hashlib.sha256(got_down).digest() == hashlib.sha256(down).digest()
+    await asyncio.sleep(0.05)
+    assert hashlib.sha256(got_up[0]).digest() == hashlib.sha256(up).digest()
+
+
+async def test_many_concurrent_connections(serve, server_config, client_config) -> None:
+    _, port = await serve(echo, server_config)
+
+    async def one(i: int) -> bytes:
+        reader, writer = await securechan.open_connection("127.0.0.1", port, config=client_config)
+        msg = os.urandom(1000 + i * 997)
+        writer.write(msg)
+        writer.write_eof()
+        back = await reader.read(-1)
+        writer.close()
+        await writer.wait_closed()
+        return hashlib.sha256(back).digest() + hashlib.sha256(msg).digest()
+
+    for result in await asyncio.gather(*(one(i) for i in range(20))):
+        assert result[:32] == result[32:]
+
+
+async def test_half_close_client_still_reads_reply(serve, server_config, client_config) -> None:
+    """The client ends its direction (close_notify + TCP FIN) and still receives the whole reply."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.read(-1)  # until the client's close_notify
+        assert reader.at_eof()
+        writer.write(b"reply to " + request + os.urandom(3_000_000))
+        await writer.drain()
+        writer.close()
+
+    _, port = await serve(handler, server_config)
+    reader, writer = await securechan.open_connection("127.0.0.1", port, config=client_config)
+    writer.write(b"question")
+    writer.write_eof()
+    with pytest.raises(securechan.ConnectionClosedError):
+        writer.write(b"more")
+    reply = await reader.read(-1)
+    assert reply.startswith(b"reply to question") and len(reply) == len(b"reply to question") + 3_000_000
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_server_half_close_reaches_client_as_clean_eof(serve, server_config, client_config) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"banner\n")
+        writer.write_eof()  # server ends its direction but keeps reading
+        data = await reader.read(-1)
+        writer.transport.get_extra_info("socket")  # still open
+        assert data == b"late data"
+
+    _, port = await serve(handler, server_config)
+    reader, writer = await securechan.open_connection("127.0.0.1", port, config=client_config)
+    assert await reader.readline() == b"banner\n"
+    assert await reader.read() == b""
+    assert reader.at_eof()
+    writer.write(b"late data")
+    writer.write_eof()
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_key_update_under_traffic(serve, pki_dir) -> None:
+    """A tiny key_update_records forces many automatic ratchets mid-stream; explicit updates work too."""
+    server_config = pki_dir.server_config(key_update_records=7, max_record_size=1024)
+    client_config = pki_dir.client_config(key_update_records=5, max_record_size=1024)
+    _, port = await serve(echo, server_config)
+    reader, writer = await securechan.open_connection("127.0.0.1", port, config=client_config)
+    payload = os.urandom(300_000)
+    writer.write(payload[:100_000])
+    writer.transport.update_keys(request_peer=True)
+    writer.write(payload[100_000:])
+    writer.write_eof()
+    back = await reader.read(-1)
+    assert back == payload
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_extra_info_and_exporter(serve, server_config, client_config) -> None:
+    server_side: list[securechan.SessionInfo] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        server_side.append(writer.get_extra_info("securechan"))
+        writer.write(server_side[0].export_keying_material(b"test label", b"ctx", 32))
+        await writer.drain()
+        writer.close()
+
+    _, port = await serve(handler, server_config)
+    reader, writer = await securechan.open_connection("127.0.0.1", port, config=client_config)
+    info: securechan.SessionInfo = writer.get_extra_info("securechan")
+    assert info.version == 1 and info.suite == "AES-256-GCM" and info.resumed is False
+    peercert = writer.get_extra_info("peercert")
+    assert peercert is not None and "localhost" in peercert.subject.rfc4514_string()
+    assert writer.get_extra_info("peername")[0] == "127.0.0.1"
+    assert writer.get_extra_info("cipher")[0] == "AES-256-GCM"
+    ours = info.export_keying_material(b"test label", b"ctx", 32)
+    assert await reader.readexactly(32) == ours
+    assert info.export_keying_material(b"other label", b"ctx", 32) != ours
+    writer.close()
+    await writer.wait_closed()
+    assert server_side[0].peer_certificate is None
+
+
+@pytest.mark.parametrize("suite", list(securechan.Suite))
+async def test_each_suite_and_server_preference(serve, pki_dir, suite: securechan.Suite) -> None:
+    _, port = await serve(echo, pki_dir.server_config(suites=[suite, *[s for s in securechan.Suite if s != suite]]))
+    reader, writer = await securechan.open_connection("127.0.0.1", port, config=pki_dir.client_config())
+    assert writer.get_extra_info("securechan").suite == suite.label
+    writer.write(b"ping")
+    writer.write_eof()
+    assert await reader.read() == b"ping"
+    writer.close()
+
+
+async def test_server_name_defaults_to_host_and_ip_san(serve, server_config, client_config) -> None:
+    _, port = await serve(echo, server_config)
+    for host in ("127.0.0.1", "localhost"):
+        reader, writer = await securechan.open_connection(host, port, config=client_config)
+        assert writer.get_extra_info("securechan").server_name == host
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_pin_only_client(serve, pki_dir, server_config) -> None:
+    from securechan.certs import format_pin, spki_sha256
+
+    pin = format_pin(spki_sha256(server_config.certificate))
+    _, port = await serve(echo, server_config)
+    reader, writer = await securechan.open_connection(
+        "127.0.0.1", port, config=securechan.ClientConfig(pin=pin), server_name="anything"
+    )
+    writer.write(b"x")
+    writer.write_eof()
+    assert await reader.read() == b"x"
+    writer.close()
+
+
+async def test_protocol_api_wraps_existing_protocol(serve, server_config, client_config) -> None:
+    """create_server/create_connection carry ordinary asyncio.Protocol classes."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[bytes] = loop.create_future()
+
+    class Upper(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(data.upper())  # type: ignore[attr-defined]
+
+        def eof_received(self) -> bool:
+            self.transport.close()
+            return False
+
+    class Client(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.buf = b""
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert transport.get_extra_info("securechan").version == 1
+            transport.write(b"hello protocol")  # type: ignore[attr-defined]
+            transport.write_eof()  # type: ignore[attr-defined]
+
+        def data_received(self, data: bytes) -> None:
+            self.buf += data
+
+        def eof_received(self) -> bool:
+            done.set_result(self.buf)
+            return False
+
+    server = await securechan.create_server(Upper, "127.0.0.1", 0, config=server_config)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        transport, _ = await securechan.create_connection(Client, "127.0.0.1", port, config=client_config)
+        assert await asyncio.wait_for(done, 5) == b"HELLO PROTOCOL"
+        transport.close()
+
+
+async def test_unix_socket(tmp_path, server_config, client_config) -> None:
+    path = str(tmp_path / "s.sock")
+    server = await securechan.start_unix_server(echo, path, config=server_config)
+    async with server:
+        reader, writer = await securechan.open_unix_connection(path, config=client_config, server_name="localhost")
+        writer.write(b"over unix")
+        writer.write_eof()
+        assert await reader.read() == b"over unix"
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_backpressure_bounded_memory(serve, server_config, client_config) -> None:
+    """A server that does not read pauses the client's writer: drain() blocks instead of buffering."""
+    gate = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await gate.wait()
+        total = 0
+        while chunk := await reader.read(1 << 20):
+            total += len(chunk)
+        writer.write(str(total).encode())
+        await writer.drain()
+        writer.close()
+
+    _, port = await serve(handler, server_config)
+    reader, writer = await securechan.open_connection("127.0.0.1", port, config=client_config)
+    chunk = os.urandom(1 << 20)
+    sent = 0
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(1.0):
+            while True:
+                writer.write(chunk)
+                sent += len(chunk)
+                await writer.drain()
+    # Socket buffers plus one transport high-water mark, not the whole attempted stream.
+    assert writer.transport.get_write_buffer_size() <= 2 * (1 << 20) + 65536
+    assert sent < 64 * (1 << 20)
+    gate.set()
+    await writer.drain()
+    writer.write_eof()
+    assert int(await reader.read()) == sent
+    writer.close()
