@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from .connection import Connection
 from .errors import ConnectionClosedError, HandshakeTimeoutError, SecureChannelError
@@ -62,8 +62,8 @@ class SecureProtocol(asyncio.BufferedProtocol):
     # -- asyncio.BaseProtocol -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._tcp = transport
+        # uvloop's transports implement the Transport interface without subclassing it.
+        self._tcp = cast(asyncio.Transport, transport)
         self._peer = transport.get_extra_info("peername")
         if self._timeout is not None:
             self._timer = asyncio.get_running_loop().call_later(self._timeout, self._handshake_timed_out)
