@@ -289,17 +289,22 @@ def _diagnose(
             + (" (securechan cert issue --client)" if who == "client" else "")
         )
     start, end = leaf.not_valid_before_utc, leaf.not_valid_after_utc
-    inside = start + (end - start) / 2 if end > start else start
+    one_second = datetime.timedelta(seconds=1)
+    # A moment when the leaf was (or will be) valid: the nearest edge of its window.
+    inside = end - one_second if at > end else start + one_second if at < start else at
     name_ok_at = wanted_name if wanted_name is not None else ""
-    if not start <= at <= end and passes(name_ok_at, inside):
+    if not start <= at <= end:
+        also = "" if passes(name_ok_at, inside) else (
+            f"; it does not verify against {cafile_desc} even inside its validity period either"
+        )
         if at > end:
             raise CertificateExpiredError(
                 f"certificate for {label!r} expired on {end:%Y-%m-%d %H:%M:%S} UTC; renew it "
-                "(or check this machine's clock)"
+                f"(or check this machine's clock){also}"
             )
         raise CertificateExpiredError(
             f"certificate for {label!r} is not valid before {start:%Y-%m-%d %H:%M:%S} UTC; "
-            "check the clocks of both machines"
+            f"check the clocks of both machines{also}"
         )
     if wanted_name is not None:
         names = san_names(leaf)

@@ -16,9 +16,11 @@ nothing. A protected record is decrypted only once it is complete, and its plain
 returned only after its tag verified.
 
 Any protocol violation is fatal: the connection queues an alert (plaintext while its own
-handshake is incomplete, encrypted after), moves to ``FAILED`` and raises the typed
-:class:`~securechan.SecureChannelError`. Events gathered earlier in the same call are
-dropped with it. After a failure every call raises :class:`ConnectionClosedError`.
+handshake is incomplete, encrypted after), moves to ``FAILED`` and records the typed
+:class:`~securechan.SecureChannelError` in :attr:`error`. If the same call had already
+verified earlier frames, their events are returned first and the error is raised by the
+next call; otherwise it is raised at once. Callers that want the error immediately check
+:attr:`error` after handling the events (the asyncio adapter does).
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ class Connection:
         self._start = 0
         self._end = 0
         self._need = 0  # size of the frame being assembled, once its head is validated
+        self._error_raised = False
         self._sealer: Sealer | None = None
         self._opener: Opener | None = None
         self._send_limit = config.max_record_size
@@ -134,6 +137,8 @@ class Connection:
         self._send_closed = False
         self._recv_closed = False
         self.session: SessionInfo | None = None
+        #: The fatal error, once the connection has failed.
+        self.error: SecureChannelError | None = None
         self._exporter_secret = b""
         self.resumption_secret = b""
         self._hs: ClientHandshake | ServerHandshake | None
@@ -286,28 +291,37 @@ class Connection:
             events.extend(self.buffer_updated(n))
         return events
 
+    def _raise_after_failure(self) -> SecureChannelError:
+        if self.error is not None and not self._error_raised:
+            self._error_raised = True
+            return self.error
+        return ConnectionClosedError("the connection has failed; no more data is accepted")
+
     def receive_eof(self) -> list[Event]:
         """The transport reached EOF. Without a prior close_notify that is a truncation."""
+        if self.state is State.FAILED and self.error is not None and not self._error_raised:
+            raise self._raise_after_failure()
         if self._recv_closed or self.state is State.FAILED:
             return []
         if self._end > self._start:
-            self._fail_silently()
-            raise TruncationError("the connection ended in the middle of a frame (truncated stream)")
-        if not self._handshake_done:
-            self._fail_silently()
-            raise TruncationError(
+            error = TruncationError("the connection ended in the middle of a frame (truncated stream)")
+        elif not self._handshake_done:
+            error = TruncationError(
                 f"the peer closed the connection during the handshake ({self.state.value}); "
                 "it may not be a securechan endpoint, or it rejected us without an alert"
             )
+        else:
+            error = TruncationError(
+                "the peer's TCP stream ended without close_notify: the data may have been cut short by the network "
+                "or an attacker; treat what was received as incomplete"
+            )
         self._fail_silently()
-        raise TruncationError(
-            "the peer's TCP stream ended without close_notify: the data may have been cut short by the network "
-            "or an attacker; treat what was received as incomplete"
-        )
+        self.error, self._error_raised = error, True
+        raise error
 
     def buffer_updated(self, nbytes: int) -> list[Event]:
         if self.state is State.FAILED:
-            raise ConnectionClosedError("the connection has failed; no more data is accepted")
+            raise self._raise_after_failure()
         self._end += nbytes
         events: list[Event] = []
         buf = self._buf
@@ -335,6 +349,9 @@ class Connection:
                 buf = self._buf
         except SecureChannelError as exc:
             self._fail(exc)
+            if events:
+                return events  # verified before the failure; ``error`` is raised next time
+            self._error_raised = True
             raise
         if self._start == self._end:
             self._start = self._end = 0
@@ -453,6 +470,8 @@ class Connection:
             self._out.append(encode_frame(FrameType.ALERT, body))
 
     def _fail(self, error: SecureChannelError) -> None:
+        if self.error is None:
+            self.error = error
         if self.state is State.FAILED:
             return
         if not error.remote:

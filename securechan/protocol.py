@@ -80,6 +80,8 @@ class SecureProtocol(asyncio.BufferedProtocol):
             return
         self._flush()
         self._handle(events)
+        if self._conn.error is not None:
+            self._fatal(self._conn.error)
 
     def _handle(self, events: list[Any]) -> None:
         app = self.app_protocol

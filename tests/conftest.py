@@ -47,7 +47,7 @@ _KEY_CACHE: dict[str, object] = {}
 @pytest.fixture(scope="session")
 def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     d = tmp_path_factory.mktemp("pki")
-    ca = pki.make_ca("Test Root CA")
+    ca = pki.make_ca("Test Root CA", not_before=utcnow() - datetime.timedelta(days=365), days=3650)
     (d / "ca.crt").write_bytes(pki.cert_pem(ca[0]))
     cert, key = pki.issue_cert(ca, "localhost", ips=["127.0.0.1", "::1"])
     p = PKI(d, ca, d / "ca.crt", d / "server.crt", d / "server.key")
