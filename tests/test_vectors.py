@@ -123,3 +123,13 @@ def test_wrong_wrapped_key_fails_like_a_wrong_finished(vector_server_config) -> 
     b = run(FR["key_exchange"], bad_fin)
     assert a == b == (securechan.HandshakeAuthError, a[1])
     assert unpack_map(a[1][HEADER_LEN:], 64) == {"type": "alert", "code": int(securechan.AlertCode.DECRYPT_ERROR)}
+
+
+def test_protocol_md_reproduces_the_vectors() -> None:
+    """docs/PROTOCOL.md's appendix stays in step with the vector file."""
+    doc = (Path(__file__).parent.parent / "docs" / "PROTOCOL.md").read_text()
+    flat = "".join(line.strip() for line in doc.splitlines())
+    for section in ("frames", "key_schedule", "records"):
+        for name, value in VECTOR[section].items():
+            assert name in doc, name
+            assert value in flat, f"docs/PROTOCOL.md does not reproduce {section}.{name}"
