@@ -227,7 +227,8 @@ class SecureTransport(asyncio.Transport):
     """The transport an application protocol sees: plaintext in, records out."""
 
     def __init__(self, proto: SecureProtocol, tcp: asyncio.Transport, conn: Connection, session: SessionInfo) -> None:
-        super().__init__({"securechan": session, "peercert": session.peer_certificate})
+        super().__init__()
+        self._session = session
         self._proto = proto
         self._tcp = tcp
         self._conn = conn
@@ -235,13 +236,16 @@ class SecureTransport(asyncio.Transport):
         self._eof_written = False
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name in ("securechan", "peercert"):
-            return self._extra[name]
+        session = self._session
+        if name == "securechan":
+            return session
+        if name == "peercert":
+            return session.peer_certificate
         if name == "peer_chain":
-            return self._extra["securechan"].peer_chain
-        if name == "cipher":
-            session = self._extra["securechan"]
-            return (session.suite, f"securechan/{session.version}", 256 if "256" in session.suite or "CHACHA" in session.suite else 128)
+            return session.peer_chain
+        if name == "cipher":  # the shape ssl transports use: (name, protocol, secret bits)
+            bits = 128 if session.suite == "AES-128-GCM" else 256
+            return (session.suite, f"securechan/{session.version}", bits)
         return self._tcp.get_extra_info(name, default)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:

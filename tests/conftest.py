@@ -41,7 +41,20 @@ class PKI:
         return securechan.ClientConfig(cafile=self.ca_file, **kw)
 
 
-_KEY_CACHE: dict[str, object] = {}
+#: Test modules whose every test runs on both event loops.
+BOTH_LOOPS = {"test_streams"}
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object] | None:
+    if item.module is None or item.module.__name__.rsplit(".", 1)[-1] not in BOTH_LOOPS:
+        return None
+    factories: dict[str, object] = {"asyncio": asyncio.new_event_loop}
+    try:
+        import uvloop
+    except ImportError:
+        return factories
+    factories["uvloop"] = uvloop.new_event_loop
+    return factories
 
 
 @pytest.fixture(scope="session")

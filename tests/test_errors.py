@@ -72,11 +72,29 @@ async def test_wrong_name(serve, pki_dir) -> None:
     writer.close()
 
 
-async def test_wrong_usage_client_certificate_used_by_server(serve, pki_dir) -> None:
-    crt, key = pki_dir.issue("localhost", ips=["127.0.0.1"], client=True)
-    _, port = await serve(echo, securechan.ServerConfig(certfile=crt, keyfile=key))
-    err = await expect_client_error(port, pki_dir.client_config(), securechan.WrongUsageError)
+async def test_wrong_usage_client_certificate_presented_by_server(pki_dir, client_config) -> None:
+    """ServerConfig refuses a client-only certificate, so a raw server presents one on the wire."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from securechan.messages import ServerHello
+
+    cert, _ = pki.issue_cert(pki_dir.ca, "localhost", ips=["127.0.0.1"], client=True)
+    code: list[int] = []
+
+    async def bad_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_frame(reader)
+        sh = ServerHello(version=1, random=os.urandom(32), suite=1, key_wrap=1, x25519=os.urandom(32),
+                         max_record=65536, certificates=(cert.public_bytes(Encoding.DER),))
+        writer.write(encode_frame(FrameType.HANDSHAKE, pack_map(sh.encode())))
+        await writer.drain()
+        code.append(await read_alert(reader))
+
+    server, port = await raw_server(bad_server)
+    async with server:
+        err = await expect_client_error(port, client_config, securechan.WrongUsageError)
+        await asyncio.sleep(0.1)
     assert "clientAuth" in str(err) and "serverAuth is required" in str(err) and err.reason == "wrong usage"
+    assert code == [securechan.AlertCode.UNSUPPORTED_CERTIFICATE]
 
 
 async def test_pin_mismatch_and_match(serve, pki_dir, server_config) -> None:

@@ -1,4 +1,7 @@
-"""The stream API over real loopback TCP: round trips, integrity, half-close, key update, extra info."""
+"""The stream API over real loopback TCP: round trips, integrity, half-close, key update, extra info.
+
+Every test here runs on the stdlib event loop and on uvloop (see conftest.py).
+"""
 
 from __future__ import annotations
 
