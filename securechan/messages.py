@@ -7,6 +7,7 @@ a later client can offer extensions to this server (the transcript still covers 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -17,8 +18,10 @@ MAX_CERT_LEN = 16 * 1024
 MAX_CHAIN_LEN = 8
 MAX_WRAPPED_KEY_LEN = 1024  # RSA-8192
 MAX_SIGNATURE_LEN = 1024
-MAX_TICKET_LEN = 4096
+MAX_TICKET_LEN = 12 * 1024  # room for a client chain of a few certificates
+BINDER_LEN = 32
 MAX_NAME_LEN = 253
+_HOSTNAME = re.compile(r"[A-Za-z0-9_.-]+")
 MAX_LIST_LEN = 16
 
 
@@ -84,6 +87,10 @@ class ClientHello:
     server_name: str | None = None
     #: Opaque session ticket for resumption (see docs/PROTOCOL.md).
     ticket: bytes | None = None
+    #: HMAC proving the client holds the ticket's PSK; present exactly when ``ticket`` is.
+    #: Encoded as the LAST field, so it is the last 32 bytes of the frame (the binder covers
+    #: the frame up to it). Fields added later must be encoded before it.
+    binder: bytes | None = None
 
     def encode(self) -> dict[str, Any]:
         m: dict[str, Any] = {
@@ -99,13 +106,15 @@ class ClientHello:
             m["server_name"] = self.server_name
         if self.ticket is not None:
             m["ticket"] = self.ticket
+        if self.binder is not None:
+            m["binder"] = self.binder
         return m
 
     @classmethod
     def decode(cls, m: dict[str, Any]) -> ClientHello:
         name = _get(m, "server_name", str, required=False)
-        if name is not None and not 0 < len(name) <= MAX_NAME_LEN:
-            raise DecodeError("client_hello: server_name has a bad length")
+        if name is not None and (not 0 < len(name) <= MAX_NAME_LEN or not _HOSTNAME.fullmatch(name)):
+            raise DecodeError("client_hello: server_name must be a DNS name of 1-253 letters, digits, '-', '_' and '.'")
         return cls(
             versions=_int_list(m, "versions"),
             random=_bin(m, "random", 32, 32),
@@ -115,7 +124,17 @@ class ClientHello:
             max_record=_int(m, "max_record", MIN_RECORD_SIZE, MAX_RECORD_SIZE),
             server_name=name,
             ticket=_bin(m, "ticket", 1, MAX_TICKET_LEN, required=False),
+            binder=_binder(m),
         )
+
+
+def _binder(m: dict[str, Any]) -> bytes | None:
+    binder: bytes | None = _bin(m, "binder", BINDER_LEN, BINDER_LEN, required=False)
+    if (binder is None) != ("ticket" not in m):
+        raise DecodeError("client_hello: a ticket and its binder come together")
+    if binder is not None and next(reversed(m)) != "binder":
+        raise DecodeError("client_hello: the binder must be the last field")
+    return binder
 
 
 @dataclass(frozen=True)
@@ -132,6 +151,8 @@ class ServerHello:
     client_auth: tuple[int, ...] = ()
     #: True when the server accepted the ClientHello's ticket (resumed handshake).
     resumed: bool = False
+    #: Why an offered ticket was not used (securechan.tickets.TicketStatus; 0 = none offered or accepted).
+    ticket_status: int = 0
 
     def encode(self) -> dict[str, Any]:
         m: dict[str, Any] = {
@@ -149,6 +170,8 @@ class ServerHello:
             m["client_auth"] = list(self.client_auth)
         if self.resumed:
             m["resumed"] = True
+        if self.ticket_status:
+            m["ticket_status"] = self.ticket_status
         return m
 
     @classmethod
@@ -156,7 +179,7 @@ class ServerHello:
         _exact_keys(
             m,
             {"type", "version", "random", "suite", "key_wrap", "x25519", "max_record", "certificates",
-             "client_auth", "resumed"},
+             "client_auth", "resumed", "ticket_status"},
         )
         resumed = _get(m, "resumed", bool, required=False) or False
         certs = _bin_list(m, "certificates", MAX_CHAIN_LEN, MAX_CERT_LEN, required=not resumed)
@@ -172,6 +195,7 @@ class ServerHello:
             certificates=certs or (),
             client_auth=_int_list(m, "client_auth") if "client_auth" in m else (),
             resumed=resumed,
+            ticket_status=_int(m, "ticket_status", 1, 255, required=False) or 0,
         )
 
 

@@ -73,6 +73,8 @@ class SecureProtocol(asyncio.BufferedProtocol):
         return self._conn.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._error is not None:
+            return  # already failed; the transport is closing
         try:
             events = self._conn.buffer_updated(nbytes)
         except SecureChannelError as exc:

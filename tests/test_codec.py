@@ -26,12 +26,13 @@ ALL = {t: 1 << 20 for t in FrameType}
 b32 = st.binary(min_size=32, max_size=32)
 small_ints = st.lists(st.integers(0, 2**16 - 1), min_size=1, max_size=16).map(tuple)
 
+tickets = st.none() | st.tuples(st.binary(min_size=1, max_size=4096), b32)
 client_hellos = st.builds(
-    ClientHello,
+    lambda ticket, **kw: ClientHello(**kw, ticket=ticket and ticket[0], binder=ticket and ticket[1]),
     versions=small_ints, random=b32, suites=small_ints, key_wraps=small_ints, x25519=b32,
     max_record=st.integers(1024, 1 << 20),
-    server_name=st.none() | st.text(min_size=1, max_size=253),
-    ticket=st.none() | st.binary(min_size=1, max_size=4096),
+    server_name=st.none() | st.from_regex(r"[A-Za-z0-9_.-]{1,253}", fullmatch=True),
+    ticket=tickets,
 )
 server_hellos = st.builds(
     ServerHello,
@@ -86,6 +87,14 @@ def test_unpack_map_random_bytes_only_raise_securechan_errors(data: bytes) -> No
 def test_strict_decoding(value, error: str) -> None:
     with pytest.raises(securechan.DecodeError, match=error):
         decode_message(unpack_map(msgpack.packb(value), 1 << 16), HANDSHAKE_MESSAGES)
+
+
+@pytest.mark.parametrize("name", ["", "a\nb", "x" * 254, "bad name", "caf\u00e9"])
+def test_server_name_must_be_a_dns_name(name: str) -> None:
+    hello = ClientHello(versions=(1,), random=b"r" * 32, suites=(1,), key_wraps=(1,), x25519=b"x" * 32,
+                        max_record=65536, server_name=name)
+    with pytest.raises(securechan.DecodeError, match="server_name"):
+        ClientHello.decode(unpack_map(pack_map(hello.encode()), 1 << 16))
 
 
 def test_bool_is_not_an_int() -> None:
