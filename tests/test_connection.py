@@ -1,0 +1,205 @@
+"""The sans-IO Connection on its own: state machine, ordering rules, failure semantics."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import securechan
+from securechan.frames import HEADER_LEN, FrameType, encode_frame, pack_map, unpack_map
+from securechan.messages import ClientHello
+
+
+def pair(server_config, client_config, **kw):
+    client = securechan.Connection(client_config, server_name="localhost", **kw)
+    server = securechan.Connection(server_config)
+    return client, server
+
+
+def handshake(client, server) -> None:
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    assert client.handshake_complete and server.handshake_complete
+
+
+def alert_code(wire: bytes) -> int:
+    assert wire[1] == FrameType.ALERT
+    return int(unpack_map(wire[HEADER_LEN:], 64)["code"])
+
+
+def test_states_progress(server_config, client_config) -> None:
+    client, server = pair(server_config, client_config)
+    assert client.state is securechan.State.CLIENT_WAIT_SERVER_HELLO
+    assert server.state is securechan.State.SERVER_WAIT_CLIENT_HELLO
+    server.receive_data(client.data_to_send())
+    assert server.state is securechan.State.SERVER_WAIT_KEY_EXCHANGE
+    client.receive_data(server.data_to_send())
+    assert client.state is securechan.State.CLIENT_WAIT_FINISHED and client.can_send
+    events = server.receive_data(client.data_to_send())
+    assert server.state is securechan.State.CONNECTED and isinstance(events[0], securechan.HandshakeComplete)
+    events = client.receive_data(server.data_to_send())
+    assert client.state is securechan.State.CONNECTED and isinstance(events[0], securechan.HandshakeComplete)
+    client.close()
+    server.receive_data(client.data_to_send())
+    server.close()
+    client.receive_data(server.data_to_send())
+    assert client.state is server.state is securechan.State.CLOSED
+
+
+def test_client_data_right_after_its_finished(server_config, client_config) -> None:
+    """The client may send data after its Finished; the server delivers it after verifying that Finished."""
+    client, server = pair(server_config, client_config)
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    client.send_data(b"early")
+    events = server.receive_data(client.data_to_send())
+    assert [type(e) for e in events] == [securechan.HandshakeComplete, securechan.DataReceived]
+    assert events[1].data == b"early"
+
+
+def test_client_refuses_server_data_before_server_finished(server_config, client_config) -> None:
+    client, server = pair(server_config, client_config)
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())
+    finished = server.data_to_send()
+    server.send_data(b"data")
+    data = server.data_to_send()
+    with pytest.raises(securechan.UnexpectedMessageError):
+        client.receive_data(data + finished)  # data first: not allowed before Finished
+    assert alert_code(client.data_to_send()) == securechan.AlertCode.UNEXPECTED_MESSAGE
+
+
+def test_send_before_keys_is_refused(client_config) -> None:
+    client = securechan.Connection(client_config, server_name="localhost")
+    with pytest.raises(securechan.ConnectionClosedError, match="before the handshake"):
+        client.send_data(b"x")
+
+
+def test_message_out_of_order(server_config, client_config) -> None:
+    server = securechan.Connection(server_config)
+    fin = encode_frame(FrameType.HANDSHAKE, pack_map({"type": "finished", "mac": b"\x00" * 32}))
+    with pytest.raises(securechan.UnexpectedMessageError, match="expected client_hello"):
+        server.receive_data(fin)
+    assert alert_code(server.data_to_send()) == securechan.AlertCode.UNEXPECTED_MESSAGE
+    with pytest.raises(securechan.ConnectionClosedError):
+        server.receive_data(b"more")
+
+
+def test_low_order_x25519_share_refused(server_config) -> None:
+    server = securechan.Connection(server_config)
+    hello = ClientHello(versions=(1,), random=os.urandom(32), suites=(1,), key_wraps=(1,), x25519=b"\x00" * 32,
+                        max_record=65536)
+    with pytest.raises(securechan.IllegalParameterError, match="low-order"):
+        server.receive_data(encode_frame(FrameType.HANDSHAKE, pack_map(hello.encode())))
+    assert alert_code(server.data_to_send()) == securechan.AlertCode.ILLEGAL_PARAMETER
+
+
+def test_plaintext_close_notify_is_refused(server_config, client_config) -> None:
+    client, server = pair(server_config, client_config)
+    handshake(client, server)
+    with pytest.raises(securechan.UnexpectedMessageError, match="plaintext"):
+        client.receive_data(encode_frame(FrameType.ALERT, pack_map({"type": "alert", "code": 0})))
+
+
+def test_plaintext_alert_is_fatal_but_marked_unauthenticated(server_config, client_config) -> None:
+    client, server = pair(server_config, client_config)
+    handshake(client, server)
+    with pytest.raises(securechan.AccessDeniedError) as info:
+        client.receive_data(encode_frame(FrameType.ALERT, pack_map({"type": "alert", "code": 49})))
+    assert info.value.remote and not info.value.authenticated
+    assert client.data_to_send() == b""  # alerts are never answered
+
+
+def test_encrypted_alert_is_authenticated(server_config, client_config) -> None:
+    client, server = pair(server_config, client_config)
+    handshake(client, server)
+    server.abort(securechan.InternalError("local failure"))
+    with pytest.raises(securechan.InternalError) as info:
+        client.receive_data(server.data_to_send())
+    assert info.value.remote and info.value.authenticated
+
+
+def test_nothing_after_close_notify(server_config, client_config) -> None:
+    client, server = pair(server_config, client_config)
+    handshake(client, server)
+    client.close()
+    wire = client.data_to_send()
+    # closing our side does not stop reading
+    server.send_data(b"still flowing")
+    assert client.receive_data(server.data_to_send())[0] == securechan.DataReceived(b"still flowing")
+    with pytest.raises(securechan.ConnectionClosedError, match="close_notify sent"):
+        client.send_data(b"x")
+    # a record injected after close_notify is refused
+    events = server.receive_data(bytes(wire) + bytes(wire))
+    assert events == [securechan.PeerClosed()]
+    assert isinstance(server.error, securechan.UnexpectedMessageError)
+    with pytest.raises(securechan.UnexpectedMessageError):
+        server.receive_eof()
+
+
+def test_events_before_a_failure_are_delivered_then_the_error(server_config, client_config) -> None:
+    client, server = pair(server_config, client_config)
+    handshake(client, server)
+    server.send_data(b"good")
+    good = server.data_to_send()
+    server.send_data(b"bad")
+    bad = bytearray(server.data_to_send())
+    bad[-1] ^= 1
+    events = client.receive_data(good + bytes(bad))
+    assert events == [securechan.DataReceived(b"good")]
+    assert isinstance(client.error, securechan.BadRecordMACError)
+    assert client.state is securechan.State.FAILED
+    with pytest.raises(securechan.BadRecordMACError):
+        client.receive_data(b"")  # raised by the next call
+    with pytest.raises(securechan.ConnectionClosedError):
+        client.receive_data(b"x")
+
+
+def test_receive_eof_semantics(server_config, client_config) -> None:
+    client, server = pair(server_config, client_config)
+    with pytest.raises(securechan.TruncationError, match="during the handshake"):
+        server.receive_eof()
+    client, server = pair(server_config, client_config)
+    handshake(client, server)
+    server.close()
+    client.receive_data(server.data_to_send())
+    assert client.receive_eof() == []  # clean: close_notify came first
+
+
+def test_close_during_handshake_sends_user_canceled(client_config) -> None:
+    client = securechan.Connection(client_config, server_name="localhost")
+    client.data_to_send()
+    client.close()
+    assert alert_code(client.data_to_send()) == securechan.AlertCode.USER_CANCELED
+    assert client.state is securechan.State.FAILED
+
+
+def test_record_size_is_negotiated_down(server_config, pki_dir) -> None:
+    client, server = pair(server_config, pki_dir.client_config(max_record_size=2048))
+    handshake(client, server)
+    assert server.session.max_record_size == 2048
+    server.send_data(os.urandom(10_000))
+    wire = server.data_to_send()
+    assert wire[3:7] == (2048 + 16).to_bytes(4, "big")
+    assert sum(len(e.data) for e in client.receive_data(wire)) == 10_000
+
+
+def test_secrets_wiped_on_close(server_config, client_config) -> None:
+    client, server = pair(server_config, client_config)
+    handshake(client, server)
+    assert client.session.export_keying_material(b"l", b"", 16)
+    client.close()
+    server.receive_data(client.data_to_send())
+    server.close()
+    client.receive_data(server.data_to_send())
+    with pytest.raises(securechan.ConnectionClosedError, match="wiped"):
+        client.session.export_keying_material(b"l", b"", 16)
+
+
+def test_rejects_wrong_config_type() -> None:
+    with pytest.raises(TypeError):
+        securechan.Connection(object())  # type: ignore[arg-type]
