@@ -8,6 +8,7 @@ Quick start::
                                                       config=securechan.ClientConfig(cafile="ca.crt"))
 """
 
+from .acl import AccessList
 from .config import ClientConfig, ServerConfig
 from .connection import Connection, Role, State
 from .errors import (
@@ -15,7 +16,6 @@ from .errors import (
     AccessDeniedError,
     AlertCode,
     BadRecordMACError,
-    BadServerNameError,
     CertificateError,
     CertificateExpiredError,
     CertificateRequiredError,
@@ -50,6 +50,7 @@ from .streams import (
     create_unix_server,
     open_connection,
     open_unix_connection,
+    reload_server,
     start_server,
     start_unix_server,
 )
@@ -62,9 +63,9 @@ __all__ = [
     "DEFAULT_SUITES",
     "SUPPORTED_VERSIONS",
     "AccessDeniedError",
+    "AccessList",
     "AlertCode",
     "BadRecordMACError",
-    "BadServerNameError",
     "CertificateError",
     "CertificateExpiredError",
     "CertificateRequiredError",
@@ -109,6 +110,7 @@ __all__ = [
     "create_unix_server",
     "open_connection",
     "open_unix_connection",
+    "reload_server",
     "start_server",
     "start_unix_server",
 ]

@@ -321,3 +321,50 @@ def _diagnose(
         f"{cafile_desc}: {error}; check that the {who} sends its full chain and that the right CA file is configured"
     )
 
+
+
+def read_passphrase(env: str | None = None, file: Source | None = None) -> bytes | None:
+    """The passphrase of an encrypted PEM key, from an environment variable or a file (first line).
+
+    For ``--key-pass-env NAME`` / ``--key-pass-file F``. Returns None when neither is given.
+    """
+    if env and file:
+        raise ConfigError("give the key passphrase either from an environment variable or from a file, not both")
+    if env:
+        value = os.environ.get(env)
+        if value is None:
+            raise ConfigError(f"environment variable {env!r} (the key passphrase) is not set")
+        secret = value.encode()
+    elif file:
+        raw = _read(file, "passphrase")
+        secret = raw.splitlines()[0] if raw.strip() else b""
+    else:
+        return None
+    if not secret:
+        where = f"environment variable {env!r}" if env else f"passphrase file {os.fspath(file or '')!r}"
+        raise ConfigError(f"{where} holds an empty passphrase")
+    return secret
+
+
+def check_leaf_role(cert: x509.Certificate, role: str, where: str) -> None:
+    """Refuse a CA certificate, or a leaf whose extended key usage excludes ``role`` ("server"/"client")."""
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            raise ConfigError(
+                f"{where} is a CA certificate ({describe(cert)!r}), not a {role} certificate; "
+                f"issue one with: securechan cert issue{' --client' if role == 'client' else ''}"
+            )
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    wanted = ExtendedKeyUsageOID.SERVER_AUTH if role == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
+    if wanted not in eku:
+        have = ", ".join(getattr(u, "_name", u.dotted_string) for u in eku) or "none"
+        hint = "with --client" if role == "client" else "without --client (or with --client --server)"
+        raise ConfigError(
+            f"{where} ({describe(cert)!r}) cannot be used as a {role} certificate: its extended key usage is "
+            f"{have}, and {role}Auth is required; issue a {role} certificate ({'securechan cert issue ' + hint})"
+        )

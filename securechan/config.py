@@ -12,24 +12,29 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import verification as xv
 
+from .acl import AccessList
 from .certs import (
     PrivateKey,
     Source,
     check_key_matches,
+    check_leaf_role,
     load_certificates,
     load_private_key,
     make_store,
     parse_pin,
 )
+from .clientauth import scheme_for_key
 from .errors import ConfigError
 from .frames import DEFAULT_RECORD_SIZE, MAX_RECORD_SIZE, MIN_RECORD_SIZE
 from .suites import DEFAULT_SUITES, SUPPORTED_VERSIONS, Suite
+from .tickets import ServerTickets, SessionStats, TicketCache
 
 #: A sender ratchets its traffic key after this many records or bytes under one key,
 #: far inside the AES-GCM limits of RFC 8446 §5.5 (2^24.5 full 16 KiB records).
 DEFAULT_KEY_UPDATE_RECORDS = 2**23
 DEFAULT_KEY_UPDATE_BYTES = 2**34
 MIN_RSA_BITS = 2048
+MAX_TICKET_LIFETIME = 7 * 24 * 3600
 
 
 def _set(obj: Any, name: str, value: Any) -> None:
@@ -59,6 +64,8 @@ def _common_checks(cfg: _Common) -> None:
         raise ConfigError(f"key_update_records must be between 1 and {DEFAULT_KEY_UPDATE_RECORDS * 2}")
     if not 1 <= cfg.key_update_bytes <= DEFAULT_KEY_UPDATE_BYTES * 2:
         raise ConfigError(f"key_update_bytes must be between 1 and {DEFAULT_KEY_UPDATE_BYTES * 2}")
+    if cfg.key_update_interval is not None and not cfg.key_update_interval > 0:
+        raise ConfigError("key_update_interval must be a positive number of seconds (or None to update by volume only)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +78,8 @@ class _Common:
     handshake_timeout: float | None = 10.0
     key_update_records: int = DEFAULT_KEY_UPDATE_RECORDS
     key_update_bytes: int = DEFAULT_KEY_UPDATE_BYTES
+    #: Seconds after which the sending key is ratcheted before the next record (None: by volume only).
+    key_update_interval: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,13 +94,24 @@ class ClientConfig(_Common):
     cafile: Source | None = None
     cadata: bytes | str | None = None
     pin: str | Sequence[str] | None = None
+    #: The client's own identity (PEM chain, leaf first, and its key), presented when a server asks.
+    certfile: Source | None = None
+    keyfile: Source | None = None
+    password: bytes | str | None = field(default=None, repr=False)
 
     _store: xv.Store | None = field(init=False, repr=False, compare=False, default=None)
     _ca_certs: tuple[x509.Certificate, ...] = field(init=False, repr=False, compare=False, default=())
     _pins: tuple[bytes, ...] = field(init=False, repr=False, compare=False, default=())
+    _identity_chain: tuple[x509.Certificate, ...] = field(init=False, repr=False, compare=False, default=())
+    _identity_der: tuple[bytes, ...] = field(init=False, repr=False, compare=False, default=())
+    _identity_key: PrivateKey | None = field(init=False, repr=False, compare=False, default=None)
+    #: Resume sessions with tickets the servers sent (cached in this config, see ``session_cache``).
+    resume: bool = True
+    _session_cache: TicketCache = field(init=False, repr=False, compare=False, default_factory=TicketCache)
 
     def __post_init__(self) -> None:
         _common_checks(self)
+        self._load_identity()
         certs: list[x509.Certificate] = []
         if self.cafile is not None:
             certs += load_certificates(self.cafile, what="CA")
@@ -105,17 +125,47 @@ class ClientConfig(_Common):
         _set(self, "_ca_certs", tuple(certs))
         pins: Sequence[str] = [self.pin] if isinstance(self.pin, str) else list(self.pin or ())
         _set(self, "_pins", tuple(parse_pin(p) for p in pins))
+        _set(self, "_session_cache", TicketCache())
         if self._store is None and not self._pins:
             raise ConfigError(
                 "ClientConfig needs cafile= (the CA that issued the server certificate) or pin= "
                 "(the server's SPKI SHA-256, see 'securechan cert show'); verification is never skipped"
             )
 
+    def _load_identity(self) -> None:
+        if self.certfile is None and self.keyfile is None:
+            if self.password is not None:
+                raise ConfigError("ClientConfig: password= was given without certfile= and keyfile=")
+            return
+        if self.certfile is None or self.keyfile is None:
+            raise ConfigError(
+                "ClientConfig: a client identity needs both certfile= (its certificate chain) and keyfile= (its key)"
+            )
+        chain = load_certificates(self.certfile, what="client certificate")
+        key = load_private_key(self.keyfile, self.password)
+        where = f"{os.fspath(self.certfile)!r} / {os.fspath(self.keyfile)!r}"
+        check_key_matches(chain[0], key, where)
+        check_leaf_role(chain[0], "client", f"certificate file {os.fspath(self.certfile)!r}")
+        scheme_for_key(key)  # RSA 2048+, EC P-256 or Ed25519
+        _set(self, "_identity_chain", tuple(chain))
+        _set(self, "_identity_der", tuple(c.public_bytes(Encoding.DER) for c in chain))
+        _set(self, "_identity_key", key)
+
     @property
     def trust_description(self) -> str:
         if self.cafile is not None:
             return f"CA file {os.fspath(self.cafile)!r}"
         return "the configured CA data"
+
+    @property
+    def session_cache(self) -> TicketCache:
+        """Session tickets received with this config, keyed by (host, port, server name)."""
+        return self._session_cache
+
+    @property
+    def session_stats(self) -> SessionStats:
+        """Counters: resumed and full handshakes, tickets received, refused tickets by reason."""
+        return self._session_cache.stats
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,17 +178,36 @@ class ServerConfig(_Common):
 
     certfile: Source
     keyfile: Source
-    password: bytes | str | None = None
+    password: bytes | str | None = field(default=None, repr=False)
+    #: Client CA bundle (PEM). When set, every client must present a certificate that chains to it.
+    client_cafile: Source | None = None
+    #: Which verified clients are admitted; None or an empty AccessList admits all of them.
+    allow: AccessList | None = None
 
     _chain: tuple[x509.Certificate, ...] = field(init=False, repr=False, compare=False, default=())
     _chain_der: tuple[bytes, ...] = field(init=False, repr=False, compare=False, default=())
     _key: PrivateKey | None = field(init=False, repr=False, compare=False, default=None)
+    _client_store: xv.Store | None = field(init=False, repr=False, compare=False, default=None)
+    _client_cas: tuple[x509.Certificate, ...] = field(init=False, repr=False, compare=False, default=())
+    #: Issue session tickets after each handshake (and accept them).
+    tickets: bool = True
+    #: Seconds a ticket stays valid (the client stops offering it a margin earlier).
+    ticket_lifetime: float = 1800.0
+    #: Shared ticket key file (``securechan ticket-key new``) so a fleet resumes each other's tickets;
+    #: re-read whenever it changes. None: a random in-memory key rotated every ``ticket_rotation`` s.
+    ticket_key_file: Source | None = None
+    ticket_rotation: float = 3600.0
+    #: Accept each ticket once (anti-replay, per process; see docs/SECURITY.md for the trade-off).
+    ticket_single_use: bool = False
+    _tickets: ServerTickets | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         _common_checks(self)
+        self._load_client_auth()
         chain = load_certificates(self.certfile, what="certificate")
         key = load_private_key(self.keyfile, self.password)
         check_key_matches(chain[0], key, f"{os.fspath(self.certfile)!r} / {os.fspath(self.keyfile)!r}")
+        check_leaf_role(chain[0], "server", f"certificate file {os.fspath(self.certfile)!r}")
         if not isinstance(key, rsa.RSAPrivateKey):
             raise ConfigError(
                 f"server key {os.fspath(self.keyfile)!r} is {_key_kind(key)}; the securechan key wrap "
@@ -150,10 +219,70 @@ class ServerConfig(_Common):
         _set(self, "_chain", tuple(chain))
         _set(self, "_chain_der", tuple(c.public_bytes(Encoding.DER) for c in chain))
         _set(self, "_key", key)
+        self._load_tickets()
+
+    def _load_tickets(self) -> None:
+        if not self.tickets:
+            if self.ticket_key_file is not None:
+                raise ConfigError("ServerConfig: ticket_key_file= is set but tickets=False; drop one of them")
+            return
+        if not 1 <= self.ticket_lifetime <= MAX_TICKET_LIFETIME:
+            raise ConfigError(f"ticket_lifetime must be between 1 and {MAX_TICKET_LIFETIME} seconds (7 days)")
+        if not self.ticket_rotation >= 1:
+            raise ConfigError("ticket_rotation must be at least 1 second")
+        if self.ticket_key_file is None and self.ticket_lifetime > self.ticket_rotation:
+            raise ConfigError(
+                f"ticket_lifetime ({self.ticket_lifetime:g} s) exceeds ticket_rotation ({self.ticket_rotation:g} s): "
+                "a ticket would outlive its key; lengthen ticket_rotation or shorten ticket_lifetime"
+            )
+        _set(self, "_tickets", ServerTickets(
+            lifetime=self.ticket_lifetime,
+            rotation=self.ticket_rotation,
+            key_file=self.ticket_key_file,
+            single_use=self.ticket_single_use,
+        ))
+
+    @property
+    def session_stats(self) -> SessionStats:
+        """Counters: resumed and full handshakes, tickets issued, fallbacks by reason."""
+        return self._tickets.stats if self._tickets is not None else SessionStats()
+
+    @property
+    def ticket_keys(self) -> ServerTickets | None:
+        """The ticket machinery of this config (None with ``tickets=False``)."""
+        return self._tickets
 
     @property
     def certificate(self) -> x509.Certificate:
         return self._chain[0]
+
+    def _load_client_auth(self) -> None:
+        if self.allow is not None and not isinstance(self.allow, AccessList):
+            raise ConfigError(
+                "ServerConfig: allow= must be a securechan.AccessList(cn=..., dns=..., uri=..., pin=...)"
+            )
+        if self.client_cafile is None:
+            if self.allow:
+                raise ConfigError(
+                    "ServerConfig: allow= restricts client certificates, so it needs client_cafile= "
+                    "(the CA that issues them)"
+                )
+            return
+        cas = load_certificates(self.client_cafile, what="client CA")
+        try:
+            store = make_store(cas)
+        except Exception as exc:
+            raise ConfigError(f"client CA file {os.fspath(self.client_cafile)!r} is not usable: {exc}") from None
+        _set(self, "_client_store", store)
+        _set(self, "_client_cas", tuple(cas))
+
+    @property
+    def requires_client_certificate(self) -> bool:
+        return self._client_store is not None
+
+    @property
+    def client_ca_description(self) -> str:
+        return f"client CA file {os.fspath(self.client_cafile or '')!r}"
 
 
 def _key_kind(key: PrivateKey) -> str:

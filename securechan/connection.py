@@ -28,7 +28,10 @@ from __future__ import annotations
 import enum
 import logging
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Hashable
+
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from .config import ClientConfig, ServerConfig
 from .errors import (
@@ -54,16 +57,19 @@ from .frames import (
     unpack_map,
 )
 from .handshake import ClientHandshake, Secrets, ServerHandshake, Step
-from .keyschedule import export_keying_material
+from .keyschedule import export_keying_material, ticket_psk
 from .messages import (
     CONTROL_MESSAGES,
     HANDSHAKE_MESSAGES,
     Alert,
     CloseNotify,
     KeyUpdate,
+    NewTicket,
     decode_message,
 )
 from .record import Opener, Sealer
+from .suites import Suite
+from .tickets import TicketContents
 
 log = logging.getLogger("securechan")
 
@@ -86,6 +92,7 @@ class State(enum.Enum):
     CLIENT_WAIT_SERVER_HELLO = "client: waiting for ServerHello"
     CLIENT_WAIT_FINISHED = "client: waiting for the server's Finished"
     SERVER_WAIT_CLIENT_HELLO = "server: waiting for ClientHello"
+    SERVER_WAIT_CLIENT_CERTIFICATE = "server: waiting for the client's certificate"
     SERVER_WAIT_KEY_EXCHANGE = "server: waiting for KeyExchange"
     SERVER_WAIT_FINISHED = "server: waiting for the client's Finished"
     CONNECTED = "connected"
@@ -93,13 +100,20 @@ class State(enum.Enum):
     FAILED = "failed"
 
 
-_HANDSHAKE_LIMITS = {FrameType.HANDSHAKE: MAX_HANDSHAKE_BODY, FrameType.ALERT: _ALERT_BODY}
+_HANDSHAKE_LIMITS: dict[int, int] = {FrameType.HANDSHAKE: MAX_HANDSHAKE_BODY, FrameType.ALERT: _ALERT_BODY}
 _HANDSHAKE_STATES = {
     State.CLIENT_WAIT_SERVER_HELLO,
     State.CLIENT_WAIT_FINISHED,
     State.SERVER_WAIT_CLIENT_HELLO,
+    State.SERVER_WAIT_CLIENT_CERTIFICATE,
     State.SERVER_WAIT_KEY_EXCHANGE,
     State.SERVER_WAIT_FINISHED,
+}
+#: The server's state follows the message its handshake waits for (client auth adds a step).
+_SERVER_WAIT_STATES = {
+    "client_certificate": State.SERVER_WAIT_CLIENT_CERTIFICATE,
+    "key_exchange": State.SERVER_WAIT_KEY_EXCHANGE,
+    "finished": State.SERVER_WAIT_FINISHED,
 }
 _NEXT_HANDSHAKE_STATE = {
     State.SERVER_WAIT_CLIENT_HELLO: State.SERVER_WAIT_KEY_EXCHANGE,
@@ -113,6 +127,11 @@ class Connection:
 
     ``server_name`` (client only) is the name the server certificate must carry.
     ``entropy`` supplies every random byte the handshake draws (tests pin it for vectors).
+    ``resume_key`` (client only) names the session-ticket cache entry, normally
+    (host, port, server_name); the default is (None, None, server_name).
+    ``clock`` (monotonic seconds) is read only for ``key_update_interval``: once per record
+    sealed while that setting is on, never otherwise. The connection has no timer; an idle
+    connection updates its key before the next record it sends.
     """
 
     def __init__(
@@ -121,8 +140,15 @@ class Connection:
         *,
         server_name: str | None = None,
         entropy: Callable[[int], bytes] = os.urandom,
+        resume_key: Hashable = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if not isinstance(config, (ClientConfig, ServerConfig)):
+            raise TypeError("config must be a securechan.ClientConfig or securechan.ServerConfig")
         self.config = config
+        self._entropy = entropy
+        self._clock = clock
+        self._update_at: float | None = None  # clock reading when the sending key is due for an update
         self._out: list[bytes | bytearray] = []
         self._buf = bytearray(_SMALL_BUFFER)
         self._start = 0
@@ -139,12 +165,13 @@ class Connection:
         self.session: SessionInfo | None = None
         #: The fatal error, once the connection has failed.
         self.error: SecureChannelError | None = None
-        self._exporter_secret = b""
+        self._exporter_secret = bytearray()
         self.resumption_secret = b""
         self._hs: ClientHandshake | ServerHandshake | None
         if isinstance(config, ClientConfig):
             self.role = Role.CLIENT
-            self._hs = ClientHandshake(config, server_name, entropy)
+            self._hs = ClientHandshake(config, server_name, entropy, resume_key)
+            self._resume_key = self._hs.resume_key
             self.state = State.CLIENT_WAIT_SERVER_HELLO
             self._out.extend(self._hs.start().frames)
         elif isinstance(config, ServerConfig):
@@ -200,7 +227,11 @@ class Connection:
         out = bytearray(total + count * (HEADER_LEN + TAG_LEN))
         pos = 0
         for start in range(0, total, limit):
-            if sealer.seq >= self.config.key_update_records or sealer.bytes >= self.config.key_update_bytes:
+            if (
+                sealer.seq >= self.config.key_update_records
+                or sealer.bytes >= self.config.key_update_bytes
+                or (self._update_at is not None and self._clock() >= self._update_at)
+            ):
                 # Rare: ratchet first. The KeyUpdate record must precede what follows it.
                 pre = self._key_update_frame(request_update=False)
                 out[pos:pos] = pre
@@ -242,6 +273,7 @@ class Connection:
         assert sealer is not None
         frame = sealer.seal(FrameType.CONTROL, pack_map(KeyUpdate(request_update=request_update).encode()))
         sealer.update()
+        self._schedule_time_update()
         log.debug("%s: sending key updated (generation %d)", self.role.value, sealer.generation)
         return frame
 
@@ -251,6 +283,7 @@ class Connection:
             self.state = State.FAILED
         self._recv_limits = {}
         self._wipe()
+        self._buf[:] = bytes(len(self._buf))
 
     def abort(self, error: SecureChannelError) -> None:
         """Fail the connection from outside (e.g. a timeout): queue the alert for ``error``."""
@@ -281,6 +314,8 @@ class Connection:
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed bytes from the transport; returns the events they complete."""
+        if self.state is State.FAILED:
+            raise self._raise_after_failure()
         view = memoryview(data).cast("B")
         events: list[Event] = []
         while view:
@@ -392,6 +427,8 @@ class Connection:
             self._install(step.secrets)
         if step.complete:
             self._complete(events)
+        elif isinstance(hs, ServerHandshake) and hs.expecting in _SERVER_WAIT_STATES:
+            self.state = _SERVER_WAIT_STATES[hs.expecting]
         elif self.state in _NEXT_HANDSHAKE_STATE:
             self.state = _NEXT_HANDSHAKE_STATE[self.state]
 
@@ -400,8 +437,9 @@ class Connection:
         self._sealer = Sealer(s.suite, s.client_traffic if client else s.server_traffic)
         self._opener = Opener(s.suite, s.server_traffic if client else s.client_traffic)
         self._send_limit = s.send_record_limit
-        self._exporter_secret = s.exporter
+        self._exporter_secret = bytearray(s.exporter)
         self.resumption_secret = s.resumption
+        self._schedule_time_update()
         hs = self._hs
         assert hs is not None
         self.session = SessionInfo(
@@ -427,6 +465,51 @@ class Connection:
             FrameType.ALERT: _ALERT_BODY,
         }
         events.append(HandshakeComplete(self.session))
+        if self.role is Role.SERVER:
+            self._after_server_handshake()
+
+    def _schedule_time_update(self) -> None:
+        interval = self.config.key_update_interval
+        self._update_at = None if interval is None else self._clock() + interval
+
+    def _after_server_handshake(self) -> None:
+        """Count the handshake and send a session ticket (docs/PROTOCOL.md, "Resumption")."""
+        config, session = self.config, self.session
+        assert isinstance(config, ServerConfig) and session is not None and self._sealer is not None
+        tickets = config._tickets
+        secret, self.resumption_secret = self.resumption_secret, b""
+        if tickets is None:
+            return
+        tickets.count_handshake(session.resumed)
+        nonce = self._entropy(16)
+        ticket = tickets.seal(TicketContents(
+            psk=ticket_psk(secret, nonce),
+            version=session.version,
+            suite=int(Suite.parse(session.suite)),
+            server_name=session.server_name,
+            client_chain=tuple(c.public_bytes(Encoding.DER) for c in session.peer_chain),
+        ))
+        if ticket is not None:
+            message = NewTicket(ticket=ticket, lifetime=max(1, int(tickets.lifetime)), nonce=nonce)
+            self._out.append(self._sealer.seal(FrameType.CONTROL, pack_map(message.encode())))
+
+    def _on_new_ticket(self, message: NewTicket) -> None:
+        config, session = self.config, self.session
+        if not isinstance(config, ClientConfig):
+            raise UnexpectedMessageError("a client does not send session tickets")
+        if not config.resume or not self.resumption_secret or session is None:
+            return
+        config._session_cache.put(
+            self._resume_key,
+            ticket=message.ticket,
+            psk=ticket_psk(self.resumption_secret, message.nonce),
+            version=session.version,
+            suite=int(Suite.parse(session.suite)),
+            server_chain=session.peer_chain,
+            lifetime=message.lifetime,
+        )
+        self.resumption_secret = b""  # one ticket per connection
+        log.debug("session ticket received (valid for %d s)", message.lifetime)
 
     def _export(self, label: bytes, context: bytes, length: int) -> bytes:
         if not self._exporter_secret:
@@ -452,6 +535,8 @@ class Connection:
                 self._out.append(self._key_update_frame(request_update=False))
                 assert self._sealer is not None
                 events.append(KeysUpdated(sending=True, generation=self._sealer.generation))
+        elif isinstance(message, NewTicket):
+            self._on_new_ticket(message)
         elif isinstance(message, Alert):
             self._fail_silently()
             raise error_from_alert(message.code, authenticated=True)
@@ -488,6 +573,11 @@ class Connection:
         for direction in (self._sealer, self._opener):
             if direction is not None:
                 direction.wipe()
-        self._exporter_secret = b""
+        self._exporter_secret[:] = bytes(len(self._exporter_secret))
+        self._exporter_secret = bytearray()
         self.resumption_secret = b""
         self._hs = None
+        # Overwrite what was received and is no longer needed (everything but an unread frame tail).
+        buf = self._buf
+        buf[: self._start] = bytes(self._start)
+        buf[self._end :] = bytes(len(buf) - self._end)

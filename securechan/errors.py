@@ -33,7 +33,6 @@ class AlertCode(enum.IntEnum):
     INSUFFICIENT_SECURITY = 71
     INTERNAL_ERROR = 80
     USER_CANCELED = 90
-    BAD_SERVER_NAME = 112
     CERTIFICATE_REQUIRED = 116
 
 
@@ -102,12 +101,6 @@ class AccessDeniedError(HandshakeError):
     """The peer authenticated, but the access list does not admit it."""
 
     alert = AlertCode.ACCESS_DENIED
-
-
-class BadServerNameError(HandshakeError):
-    """The server does not serve the requested server name."""
-
-    alert = AlertCode.BAD_SERVER_NAME
 
 
 # -- certificates ---------------------------------------------------------------------------
@@ -207,6 +200,10 @@ class UserCanceledError(SecureChannelError):
     alert = AlertCode.USER_CANCELED
 
 
+class ListenError(SecureChannelError):
+    """A tunnel could not open its listening socket (address in use, no permission). Never sent on the wire."""
+
+
 #: Which exception a received alert code raises. Codes that several local errors share
 #: (e.g. HANDSHAKE_FAILURE) map to the most general class.
 ALERT_EXCEPTIONS: dict[AlertCode, type[SecureChannelError]] = {
@@ -228,7 +225,6 @@ ALERT_EXCEPTIONS: dict[AlertCode, type[SecureChannelError]] = {
     AlertCode.INSUFFICIENT_SECURITY: InsufficientSecurityError,
     AlertCode.INTERNAL_ERROR: InternalError,
     AlertCode.USER_CANCELED: UserCanceledError,
-    AlertCode.BAD_SERVER_NAME: BadServerNameError,
     AlertCode.CERTIFICATE_REQUIRED: CertificateRequiredError,
 }
 
@@ -253,8 +249,8 @@ _REMOTE_HINTS: dict[AlertCode, str] = {
     AlertCode.INSUFFICIENT_SECURITY: "the peer requires stronger parameters than we offered",
     AlertCode.INTERNAL_ERROR: "the peer hit an internal error",
     AlertCode.USER_CANCELED: "the peer gave up on the handshake (timeout or cancellation)",
-    AlertCode.BAD_SERVER_NAME: "the peer does not serve the server name we asked for",
-    AlertCode.CERTIFICATE_REQUIRED: "the peer requires a client certificate; configure certfile= and keyfile=",
+    AlertCode.CERTIFICATE_REQUIRED: "the server requires a client certificate and the client has none; "
+    "configure the client's certfile= and keyfile= (--cert/--key)",
 }
 
 

@@ -101,6 +101,13 @@ def _no_ext(code: int, data: bytes) -> Any:
     raise DecodeError("msgpack extension types are not allowed")
 
 
+def _pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise DecodeError("a msgpack map repeats a key")
+    return result
+
+
 def unpack_map(body: bytes | memoryview, max_len: int) -> dict[str, Any]:
     """Decode one msgpack map strictly: str keys, no ext types, bounded sizes, no trailing bytes."""
     if len(body) > max_len:
@@ -112,6 +119,7 @@ def unpack_map(body: bytes | memoryview, max_len: int) -> dict[str, Any]:
             strict_map_key=True,
             use_list=True,
             ext_hook=_no_ext,
+            object_pairs_hook=_pairs,
             max_bin_len=max_len,
             max_str_len=max_len,
             max_array_len=64,

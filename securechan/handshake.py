@@ -11,25 +11,38 @@ touches sockets, clocks or the record layer.
 
     client                                           server
     ClientHello  (versions, random, suites, key wraps, x25519, server_name)  ──►
-                 ◄──  ServerHello (version, random, suite, x25519, chain)
+                 ◄──  ServerHello (version, random, suite, x25519, chain, [client_auth])
     [verify chain or pin; K = random(32); W = RSA-OAEP-SHA256(leaf key, K)]
+    [ClientCertificate (chain, scheme, signature)]  (only when client_auth is set)
     KeyExchange (W), Finished(client)  [+ application data]  ──►
+                                   [evaluate client certificate; keep the verdict]
                                    [unwrap W; on failure K = random(32)]
-                                   [verify client Finished]
+                                   [verify client Finished, then act on the verdict]
                  ◄──  Finished(server)  [+ application data]
     [verify server Finished; only now is server data delivered]
 
 A wrapped key that fails to unwrap is replaced by a random key, so it shows up only as a
 Finished mismatch, at the same point and with the same alert as a forged Finished: no
 padding oracle.
+
+A ClientHello that carries a session ticket may instead lead to the one-round-trip resumed
+handshake (ServerHello(resumed) + server Finished, then client Finished); see
+:mod:`securechan.resumption`. A ticket the server does not accept changes nothing above
+except ServerHello.ticket_status.
+
+Client authentication (see :mod:`securechan.clientauth`): every rejection of a client
+certificate (missing, bad chain, bad signature, not on the access list) is raised after
+the client's Finished verified, before the server's Finished, so all of them happen at
+one point in the flow.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -38,23 +51,29 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa, x25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .certs import check_pins, parse_chain, verify_server_chain
+from .clientauth import SUPPORTED_SCHEMES, evaluate_client, scheme_for_key, sign
 from .config import MIN_RSA_BITS, ClientConfig, ServerConfig
 from .errors import (
+    CertificateRequiredError,
     HandshakeAuthError,
     IllegalParameterError,
     InsufficientSecurityError,
     NoCommonSuiteError,
     NoCommonVersionError,
+    SecureChannelError,
     UnexpectedMessageError,
 )
 from .frames import FrameType, encode_frame, pack_map
-from .keyschedule import KeySchedule, Transcript, finished_mac
-from .messages import ClientHello, Finished, HandshakeMessage, KeyExchange, ServerHello
+from .keyschedule import SALT_RESUMPTION, SALT_V1, KeySchedule, Transcript, finished_mac
+from .messages import ClientCertificate, ClientHello, Finished, HandshakeMessage, KeyExchange, ServerHello
+from .resumption import Resumption, offer, server_verdict
 from .suites import KeyWrap, Suite
+from .tickets import CachedSession, TicketStatus
 
 Entropy = Callable[[int], bytes]
 OAEP = padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 WRAPPED_KEY_LEN = 32
+log = logging.getLogger("securechan")
 
 
 @dataclass
@@ -96,16 +115,27 @@ def _dh(key: x25519.X25519PrivateKey, peer: bytes) -> bytes:
         raise IllegalParameterError("peer sent an invalid X25519 public key (low-order point)") from None
 
 
-def _derive(ikm: bytes, transcript_hash: bytes) -> tuple[KeySchedule, dict[str, bytes]]:
-    ks = KeySchedule(ikm)
+def _derive(ikm: bytes, transcript_hash: bytes, salt: bytes = SALT_V1) -> tuple[KeySchedule, dict[str, bytes]]:
+    ks = KeySchedule(ikm, salt)
     labels = ("c finished", "s finished", "c ap traffic", "s ap traffic", "exporter", "resumption")
     return ks, {label: ks.derive(label.encode(), transcript_hash) for label in labels}
 
 
 class ClientHandshake:
-    def __init__(self, config: ClientConfig, server_name: str | None, entropy: Entropy = os.urandom) -> None:
+    def __init__(
+        self,
+        config: ClientConfig,
+        server_name: str | None,
+        entropy: Entropy = os.urandom,
+        resume_key: Hashable = None,
+    ) -> None:
         self.config = config
         self.server_name = server_name
+        #: Where this connection's tickets are cached: (host, port, server name).
+        self.resume_key = resume_key if resume_key is not None else (None, None, server_name)
+        #: The cached session offered in the ClientHello, if any.
+        self._offer: CachedSession | None = None
+        self._resumed_keys: dict[str, bytes] = {}
         self._entropy = entropy
         self._transcript = Transcript()
         self._x25519 = x25519.X25519PrivateKey.from_private_bytes(entropy(32))
@@ -130,10 +160,29 @@ class ClientHandshake:
             max_record=self.config.max_record_size,
             server_name=name,
         )
+        self._offer = self._cached_session()
+        if self._offer is not None:
+            hello, frame = offer(hello, self._offer)
+        else:
+            frame = handshake_frame(hello)
         self._hello = hello
-        frame = handshake_frame(hello)
         self._transcript.add(frame)
         return Step(frames=[frame])
+
+    def _cached_session(self) -> CachedSession | None:
+        """A ticket to offer: unexpired, for a version and suite we still offer, for a server we still trust."""
+        cfg = self.config
+        if not cfg.resume:
+            return None
+        session = cfg._session_cache.take(self.resume_key)
+        if session is None or session.version not in cfg.versions or session.suite not in {int(s) for s in cfg.suites}:
+            return None
+        try:
+            self._verify(list(session.server_chain))  # today's CA, pins and clock still accept the server
+        except SecureChannelError as exc:
+            log.debug("not offering a cached session ticket: %s", exc)
+            return None
+        return session
 
     def handle(self, message: HandshakeMessage, frame: bytes) -> Step:
         if not isinstance(message, self._expect):
@@ -153,8 +202,12 @@ class ClientHandshake:
             raise IllegalParameterError(f"server chose suite {sh.suite}, which this client did not offer")
         if sh.key_wrap not in self._hello.key_wraps:
             raise IllegalParameterError(f"server chose key wrap {sh.key_wrap}, which this client did not offer")
-        if sh.resumed or sh.client_auth:
-            raise IllegalParameterError("server asked for a feature this client did not offer")
+        if sh.resumed or sh.ticket_status:
+            if self._offer is None or (sh.resumed and sh.ticket_status):
+                raise IllegalParameterError("server answered a session ticket this client did not offer")
+            if sh.resumed:
+                return self._on_resumed_server_hello(sh)
+            self._ticket_refused(sh.ticket_status)
         chain = parse_chain(sh.certificates, "server")
         self._verify(chain)
         leaf_key = chain[0].public_key()
@@ -164,6 +217,8 @@ class ClientHandshake:
                 "the server must use an RSA certificate"
             )
         dhe = _dh(self._x25519, sh.x25519)
+        cc = self._client_certificate(sh.client_auth)
+        frames = [cc] if cc else []
         wrap_secret = self._entropy(WRAPPED_KEY_LEN)
         kx = handshake_frame(KeyExchange(wrapped_key=leaf_key.encrypt(wrap_secret, OAEP)))
         self._transcript.add(kx)
@@ -185,7 +240,31 @@ class ClientHandshake:
             peer_chain=tuple(chain),
         )
         self._expect = Finished
-        return Step(frames=[kx, fin], secrets=self._secrets)
+        return Step(frames=[*frames, kx, fin], secrets=self._secrets)
+
+    def _client_certificate(self, schemes: tuple[int, ...]) -> bytes | None:
+        """The ClientCertificate frame when the server asked for one (added to the transcript)."""
+        if not schemes:
+            return None
+        cfg = self.config
+        key = cfg._identity_key
+        if key is None:
+            raise CertificateRequiredError(
+                "server requires a client certificate; configure certfile= and keyfile= in ClientConfig "
+                "(issue one with: securechan cert issue --client)"
+            )
+        scheme = scheme_for_key(key)
+        if int(scheme) not in schemes:
+            raise NoCommonSuiteError(
+                f"the server accepts client signature schemes {[hex(s) for s in schemes]}, none of which fits "
+                f"this client's key ({scheme.name}); issue the client certificate with another --key-type"
+            )
+        scheme, signature = sign(key, self._transcript.digest())
+        frame = handshake_frame(
+            ClientCertificate(certificates=cfg._identity_der, scheme=int(scheme), signature=signature)
+        )
+        self._transcript.add(frame)
+        return frame
 
     def _verify(self, chain: list[x509.Certificate]) -> None:
         cfg = self.config
@@ -197,7 +276,58 @@ class ClientHandshake:
                 raise IllegalParameterError("a server name is required to verify the server certificate against a CA")
             verify_server_chain(chain, name, cfg._store, cafile_desc=cfg.trust_description)
 
+    def _ticket_refused(self, code: int) -> None:
+        try:
+            status = TicketStatus(code)
+        except ValueError:
+            status = TicketStatus.INVALID  # a code from a later version: still just a refusal
+        log.debug("server did not accept our session ticket (%s); continuing with a full handshake", status.reason)
+        self.config._session_cache.count_fallback(status)
+        self._offer = None
+
+    def _on_resumed_server_hello(self, sh: ServerHello) -> Step:
+        session = self._offer
+        assert session is not None
+        if sh.version != session.version or sh.suite != session.suite or sh.client_auth:
+            raise IllegalParameterError(
+                "server resumed the session with a version, suite or client-auth request that does not match the ticket"
+            )
+        dhe = _dh(self._x25519, sh.x25519)
+        ks, self._resumed_keys = _derive(session.psk + dhe, self._transcript.digest(), SALT_RESUMPTION)
+        ks.wipe()
+        self._resumed_max_record = sh.max_record
+        self._expect = Finished
+        return Step()
+
+    def _on_resumed_finished(self, fin: Finished, frame: bytes) -> Step:
+        s, session = self._resumed_keys, self._offer
+        assert session is not None
+        if not hmac.compare_digest(finished_mac(s["s finished"], self._transcript.digest()), fin.mac):
+            raise HandshakeAuthError(
+                "the server's Finished MAC did not verify in a resumed handshake: the server does not hold "
+                "the session ticket's key, or the handshake was altered in transit"
+            )
+        self._transcript.add(frame)
+        out = handshake_frame(Finished(mac=finished_mac(s["c finished"], self._transcript.digest())))
+        secrets = Secrets(
+            version=session.version,
+            suite=Suite(session.suite),
+            client_traffic=s["c ap traffic"],
+            server_traffic=s["s ap traffic"],
+            exporter=s["exporter"],
+            resumption=s["resumption"],
+            send_record_limit=min(self._resumed_max_record, self.config.max_record_size),
+            peer_chain=session.server_chain,
+            resumed=True,
+        )
+        self._resumed_keys = {}
+        self._expect = type(None)
+        self.config._session_cache.count_handshake(resumed=True)
+        return Step(frames=[out], secrets=secrets, complete=True)
+
     def _on_finished(self, fin: Finished, frame: bytes) -> Step:
+        if self._resumed_keys:
+            return self._on_resumed_finished(fin, frame)
         expected = finished_mac(self._server_finished_key, self._transcript.digest())
         if not hmac.compare_digest(expected, fin.mac):
             raise HandshakeAuthError(
@@ -207,6 +337,7 @@ class ClientHandshake:
         self._transcript.add(frame)
         self._server_finished_key = b""
         self._expect = type(None)
+        self.config._session_cache.count_handshake(resumed=False)
         return Step(complete=True)
 
 
@@ -217,21 +348,50 @@ class ServerHandshake:
         self._transcript = Transcript()
         self._expect: type = ClientHello
         self.server_name: str | None = None
+        self._client_auth: tuple[int, ...] = ()
+        #: Set when the ClientHello's ticket was accepted (resumed handshake).
+        self._resumption: Resumption | None = None
+        self._client_chain: tuple[x509.Certificate, ...] = ()
+        #: The client-authentication verdict, acted on once the client's Finished verified.
+        self._client_error: SecureChannelError | None = None
+
+    @property
+    def expecting(self) -> str:
+        """The wire type of the next handshake message this side waits for."""
+        return str(getattr(self._expect, "TYPE", ""))
 
     def handle(self, message: HandshakeMessage, frame: bytes) -> Step:
-        if not isinstance(message, self._expect):
+        if self._expect is ClientCertificate and isinstance(message, KeyExchange):
+            # A client without a certificate: refused with the other client-auth verdicts, after its Finished.
+            self._client_error = CertificateRequiredError(
+                "the client presented no certificate, and this server requires one (client_cafile= is set)"
+            )
+        elif not isinstance(message, self._expect):
             raise UnexpectedMessageError(
                 f"expected {self._expect.TYPE} from the client, got {message.TYPE}"  # type: ignore[attr-defined]
             )
         if isinstance(message, Finished):
             return self._on_finished(message, frame)
+        if isinstance(message, ClientCertificate):
+            self._on_client_certificate(message)
+            self._transcript.add(frame)
+            self._expect = KeyExchange
+            return Step()
         self._transcript.add(frame)
         if isinstance(message, ClientHello):
-            return self._on_client_hello(message)
+            return self._on_client_hello(message, frame)
         assert isinstance(message, KeyExchange)
         return self._on_key_exchange(message)
 
-    def _on_client_hello(self, ch: ClientHello) -> Step:
+    def _on_client_certificate(self, cc: ClientCertificate) -> None:
+        cfg = self.config
+        assert cfg._client_store is not None
+        self._client_chain, self._client_error = evaluate_client(
+            cc.certificates, cc.scheme, cc.signature, self._transcript.digest(), self._client_auth,
+            cfg._client_store, cfg.allow, cfg.client_ca_description,
+        )
+
+    def _on_client_hello(self, ch: ClientHello, hello_frame: bytes) -> Step:
         cfg = self.config
         version = next((v for v in sorted(cfg.versions, reverse=True) if v in ch.versions), None)
         if version is None:
@@ -239,19 +399,26 @@ class ServerHandshake:
                 f"client offered protocol versions {list(ch.versions)}; this server speaks {list(cfg.versions)}: "
                 "upgrade the older side"
             )
-        suite = next((s for s in cfg.suites if int(s) in ch.suites), None)
+        suite = next((Suite(int(s)) for s in cfg.suites if int(s) in ch.suites), None)
         if suite is None:
             offered = ", ".join(Suite(s).label if s in Suite._value2member_map_ else str(s) for s in ch.suites)
             raise NoCommonSuiteError(
                 f"client offered suites [{offered}]; this server allows "
-                f"[{', '.join(Suite(s).label for s in cfg.suites)}]: align the suites settings"
+                f"[{', '.join(Suite(int(s)).label for s in cfg.suites)}]: align the suites settings"
             )
         if int(KeyWrap.RSA_OAEP_SHA256) not in ch.key_wraps:
             raise NoCommonSuiteError("client offered no key-wrap method this server supports (RSA-OAEP-SHA256)")
         self.server_name = ch.server_name
+        self._client_auth = SUPPORTED_SCHEMES if cfg.requires_client_certificate else ()
         self._client_max_record = ch.max_record
         self._x25519 = x25519.X25519PrivateKey.from_private_bytes(self._entropy(32))
         self._dhe = _dh(self._x25519, ch.x25519)
+        ticket_status = TicketStatus.ACCEPTED
+        if ch.ticket is not None:
+            both = tuple(v for v in cfg.versions if v in ch.versions)
+            resumption, ticket_status = server_verdict(cfg, ch, hello_frame, both)
+            if resumption is not None:
+                return self._resume(resumption)
         sh = ServerHello(
             version=version,
             random=self._entropy(32),
@@ -260,11 +427,13 @@ class ServerHandshake:
             x25519=_x25519_public(self._x25519),
             max_record=cfg.max_record_size,
             certificates=cfg._chain_der,
+            client_auth=self._client_auth,
+            ticket_status=int(ticket_status),
         )
         self._version, self._suite = version, suite
         frame = handshake_frame(sh)
         self._transcript.add(frame)
-        self._expect = KeyExchange
+        self._expect = ClientCertificate if self._client_auth else KeyExchange
         return Step(frames=[frame])
 
     def _on_key_exchange(self, kx: KeyExchange) -> Step:
@@ -285,7 +454,57 @@ class ServerHandshake:
         self._expect = Finished
         return Step()
 
+    def _resume(self, r: Resumption) -> Step:
+        """Answer an accepted ticket: ServerHello(resumed) and our Finished at once (one round trip)."""
+        self._resumption = r
+        self._client_chain = r.client_chain
+        self._client_auth = ()
+        sh = ServerHello(
+            version=r.version,
+            random=self._entropy(32),
+            suite=r.suite,
+            key_wrap=int(KeyWrap.RSA_OAEP_SHA256),
+            x25519=_x25519_public(self._x25519),
+            max_record=self.config.max_record_size,
+            resumed=True,
+        )
+        self._version, self._suite = r.version, Suite(r.suite)
+        sh_frame = handshake_frame(sh)
+        self._transcript.add(sh_frame)
+        th1 = self._transcript.digest()
+        ks, self._s = _derive(r.psk + self._dhe, th1, SALT_RESUMPTION)
+        ks.wipe()
+        self._dhe = b""
+        fin = handshake_frame(Finished(mac=finished_mac(self._s["s finished"], th1)))
+        self._transcript.add(fin)
+        self._expect = Finished
+        return Step(frames=[sh_frame, fin])
+
+    def _on_resumed_finished(self, fin: Finished, frame: bytes) -> Step:
+        if not hmac.compare_digest(finished_mac(self._s["c finished"], self._transcript.digest()), fin.mac):
+            raise HandshakeAuthError(
+                "the client's Finished MAC did not verify in a resumed handshake: the client does not hold "
+                "the ticket's key, or the handshake was altered in transit"
+            )
+        self._transcript.add(frame)
+        secrets = Secrets(
+            version=self._version,
+            suite=self._suite,
+            client_traffic=self._s["c ap traffic"],
+            server_traffic=self._s["s ap traffic"],
+            exporter=self._s["exporter"],
+            resumption=self._s["resumption"],
+            send_record_limit=min(self._client_max_record, self.config.max_record_size),
+            peer_chain=self._client_chain,
+            resumed=True,
+        )
+        self._s = {}
+        self._expect = type(None)
+        return Step(secrets=secrets, complete=True)
+
     def _on_finished(self, fin: Finished, frame: bytes) -> Step:
+        if self._resumption is not None:
+            return self._on_resumed_finished(fin, frame)
         th1 = self._transcript.digest()
         expected = finished_mac(self._s["c finished"], th1)
         if not hmac.compare_digest(expected, fin.mac):
@@ -293,6 +512,9 @@ class ServerHandshake:
                 "the client's Finished MAC did not verify: the handshake was altered in transit, "
                 "or the client used a different server key"
             )
+        if self._client_error is not None:
+            self._s = {}
+            raise self._client_error
         self._transcript.add(frame)
         th2 = self._transcript.digest()
         out = handshake_frame(Finished(mac=finished_mac(self._s["s finished"], th2)))
@@ -304,6 +526,7 @@ class ServerHandshake:
             exporter=self._s["exporter"],
             resumption=self._s["resumption"],
             send_record_limit=min(self._client_max_record, self.config.max_record_size),
+            peer_chain=self._client_chain,
         )
         self._s = {}
         self._expect = type(None)

@@ -16,6 +16,14 @@ Full handshake::
     exporter_secret  = Expand-Label(handshake_secret, "exporter", th1, 32)
     resumption_secret= Expand-Label(handshake_secret, "resumption", th1, 32)
 
+Resumed handshake (docs/PROTOCOL.md, "Resumption")::
+
+    psk              = Expand-Label(resumption_secret, "ticket psk", ticket_nonce, 32)   (per ticket)
+    binder_key       = Expand-Label(HKDF-Extract("securechan v1 binder", psk), "res binder", "", 32)
+    binder           = HMAC-SHA256(binder_key, SHA-256(ClientHello frame without its last 32 bytes))
+    handshake_secret = HKDF-Extract(salt = "securechan v1 resumption", ikm = psk || x25519_secret)
+    th1 = SHA-256(ClientHello || ServerHello); the six secrets above are derived from th1 alike.
+
 Traffic keys: key = Expand-Label(secret, "key", "", key_len); iv = Expand-Label(secret, "iv", "", 12).
 Key update: next_secret = Expand-Label(secret, "traffic upd", "", 32).
 """
@@ -33,6 +41,8 @@ from .suites import NONCE_LEN, Suite
 
 HASH_LEN = 32
 SALT_V1 = b"securechan v1"
+SALT_RESUMPTION = b"securechan v1 resumption"
+SALT_BINDER = b"securechan v1 binder"
 LABEL_PREFIX = b"sc1 "
 
 
@@ -41,7 +51,7 @@ def hkdf_label(label: bytes, context: bytes, length: int) -> bytes:
     return struct.pack(">HB", length, len(full)) + full + struct.pack(">B", len(context)) + context
 
 
-def expand_label(secret: bytes, label: bytes, context: bytes, length: int) -> bytes:
+def expand_label(secret: bytes | bytearray, label: bytes, context: bytes, length: int) -> bytes:
     return HKDFExpand(hashes.SHA256(), length, hkdf_label(label, context, length)).derive(secret)
 
 
@@ -53,12 +63,21 @@ def finished_mac(finished_key: bytes, transcript_hash: bytes) -> bytes:
     return hmac.new(finished_key, transcript_hash, hashlib.sha256).digest()
 
 
-def traffic_key_iv(secret: bytes, suite: Suite) -> tuple[bytes, bytes]:
+def traffic_key_iv(secret: bytes | bytearray, suite: Suite) -> tuple[bytes, bytes]:
     return expand_label(secret, b"key", b"", suite.key_len), expand_label(secret, b"iv", b"", NONCE_LEN)
 
 
-def next_traffic_secret(secret: bytes) -> bytes:
+def next_traffic_secret(secret: bytes | bytearray) -> bytes:
     return expand_label(secret, b"traffic upd", b"", HASH_LEN)
+
+
+def ticket_psk(resumption_secret: bytes, ticket_nonce: bytes) -> bytes:
+    return expand_label(resumption_secret, b"ticket psk", ticket_nonce, HASH_LEN)
+
+
+def binder_mac(psk: bytes, partial_hello_hash: bytes) -> bytes:
+    binder_key = expand_label(extract(SALT_BINDER, psk), b"res binder", b"", HASH_LEN)
+    return hmac.new(binder_key, partial_hello_hash, hashlib.sha256).digest()
 
 
 class Transcript:
@@ -87,11 +106,12 @@ class KeySchedule:
         self._secret = b""
 
 
-def export_keying_material(exporter_secret: bytes, label: bytes, context: bytes, length: int) -> bytes:
+def export_keying_material(exporter_secret: bytes | bytearray, label: bytes, context: bytes, length: int) -> bytes:
     """RFC 5705-style exporter for channel binding: same inputs on both ends give the same bytes."""
     if not 0 < length <= 255 * HASH_LEN:
         raise ValueError("exporter length must be between 1 and 8160 bytes")
     if len(label) > 200:
         raise ValueError("exporter label must be at most 200 bytes")
     derived = expand_label(exporter_secret, label, b"", HASH_LEN)
-    return HKDFExpand(hashes.SHA256(), length, hkdf_label(b"exporter", hashlib.sha256(context).digest(), length)).derive(derived)
+    info = hkdf_label(b"exporter", hashlib.sha256(context).digest(), length)
+    return HKDFExpand(hashes.SHA256(), length, info).derive(derived)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from .errors import BadRecordMACError, InternalError
 from .frames import HEADER_LEN, TAG_LEN, FrameType
@@ -30,8 +31,9 @@ class _Direction:
 
     def _install(self, secret: bytes) -> None:
         key, iv = traffic_key_iv(secret, self.suite)
-        self._secret = secret
-        self._aead = self.suite.aead(key)
+        #: A bytearray securechan owns, so it can be overwritten on update and on wipe.
+        self._secret = bytearray(secret)
+        self._aead: AESGCM | ChaCha20Poly1305 | None = self.suite.aead(key)
         self._iv = int.from_bytes(iv, "big")
         #: records and plaintext bytes protected under the current key
         self.seq = 0
@@ -46,12 +48,17 @@ class _Direction:
 
     def update(self) -> None:
         """Ratchet to the next traffic secret (KeyUpdate)."""
-        self._install(next_traffic_secret(self._secret))
+        old = self._secret
+        self._install(next_traffic_secret(old))
+        old[:] = bytes(len(old))
         self.generation += 1
 
     def wipe(self) -> None:
-        self._secret = b""
+        """Overwrite the traffic secret and drop the AEAD object (its key copy lives inside OpenSSL)."""
+        self._secret[:] = bytes(len(self._secret))
+        self._secret = bytearray()
         self._iv = 0
+        self._aead = None
 
 
 class Sealer(_Direction):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,13 +29,17 @@ async def _connect(
     config: ClientConfig,
     server_name: str | None,
     handshake_timeout: float | None,
+    resume_key: tuple[object, object, str | None] | None = None,
 ) -> tuple[SecureTransport, asyncio.BaseProtocol]:
     if not isinstance(config, ClientConfig):
         raise ConfigError("config must be a securechan.ClientConfig for a client connection")
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future[None] = loop.create_future()
     proto = SecureProtocol(
-        Connection(config, server_name=server_name), protocol_factory, waiter, _timeout(config, handshake_timeout)
+        Connection(config, server_name=server_name, resume_key=resume_key),
+        protocol_factory,
+        waiter,
+        _timeout(config, handshake_timeout),
     )
     tcp, _ = await make_tcp(lambda: proto)
     try:
@@ -66,7 +71,8 @@ async def create_connection(
         raise ConfigError("server_name is required when connecting without a host (e.g. with sock=)")
     loop = asyncio.get_running_loop()
     return await _connect(
-        lambda f: loop.create_connection(f, host, port, **kwds), protocol_factory, config, server_name, handshake_timeout
+        lambda f: loop.create_connection(f, host, port, **kwds),  # type: ignore[arg-type]
+        protocol_factory, config, server_name, handshake_timeout, (host, port, server_name),
     )
 
 
@@ -84,7 +90,8 @@ async def create_unix_connection(
         raise ConfigError("server_name is required for a Unix-socket connection verified against a CA")
     loop = asyncio.get_running_loop()
     return await _connect(
-        lambda f: loop.create_unix_connection(f, path, **kwds), protocol_factory, config, server_name, handshake_timeout
+        lambda f: loop.create_unix_connection(f, path, **kwds),
+        protocol_factory, config, server_name, handshake_timeout, (path, None, server_name),
     )
 
 
@@ -147,17 +154,64 @@ def _server_protocol_factory(
     protocol_factory: Callable[[], asyncio.BaseProtocol],
     config: ServerConfig,
     handshake_timeout: float | None,
-) -> Callable[[], SecureProtocol]:
+) -> _ServerFactory:
     if not isinstance(config, ServerConfig):
         raise ConfigError("config must be a securechan.ServerConfig for a server")
-    timeout = _timeout(config, handshake_timeout)
+    return _ServerFactory(protocol_factory, config, handshake_timeout)
 
-    def factory() -> SecureProtocol:
-        proto = SecureProtocol(Connection(config), protocol_factory, None, timeout)
+
+class _ServerFactory:
+    """Builds one SecureProtocol per accepted socket from the server's current config.
+
+    ``config`` is the mutable holder :func:`reload_server` swaps: each new connection reads
+    it once, so handshakes already under way and open connections keep the config they began with.
+    """
+
+    def __init__(
+        self,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        config: ServerConfig,
+        handshake_timeout: float | None,
+    ) -> None:
+        self.protocol_factory = protocol_factory
+        self.config = config
+        self.handshake_timeout = handshake_timeout
+
+    def __call__(self) -> SecureProtocol:
+        config = self.config
+        proto = SecureProtocol(
+            Connection(config), self.protocol_factory, None, _timeout(config, self.handshake_timeout)
+        )
         proto.on_handshake_failed = _log_handshake_failure
         return proto
 
-    return factory
+
+#: The protocol factory (config holder) of every server made by create_server/start_server.
+_SERVER_FACTORIES: weakref.WeakKeyDictionary[asyncio.AbstractServer, _ServerFactory] = weakref.WeakKeyDictionary()
+
+
+def reload_server(server: asyncio.AbstractServer, new_config: ServerConfig) -> None:
+    """Serve NEW handshakes of ``server`` with ``new_config`` (certificate, key, client CA, access list).
+
+    Open connections, and handshakes already under way, keep the config they started with.
+    Build ``new_config`` first: a broken file makes ``ServerConfig(...)`` raise ConfigError,
+    and the server keeps its current identity.
+    """
+    if not isinstance(new_config, ServerConfig):
+        raise ConfigError("reload_server needs a securechan.ServerConfig")
+    factory = _SERVER_FACTORIES.get(server)
+    if factory is None:
+        raise ConfigError("reload_server: this server was not created by securechan.start_server/create_server")
+    factory.config = new_config
+    log.info("server reloaded: now serving certificate for %s", new_config.certificate.subject.rfc4514_string())
+
+
+def server_config(server: asyncio.AbstractServer) -> ServerConfig:
+    """The config ``server`` uses for new handshakes."""
+    factory = _SERVER_FACTORIES.get(server)
+    if factory is None:
+        raise ConfigError("this server was not created by securechan.start_server/create_server")
+    return factory.config
 
 
 async def create_server(
@@ -171,9 +225,10 @@ async def create_server(
 ) -> asyncio.Server:
     """Like ``loop.create_server(..., ssl=...)``: each protocol sees ``connection_made`` after its handshake."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(
-        _server_protocol_factory(protocol_factory, config, handshake_timeout), host, port, **kwds
-    )
+    factory = _server_protocol_factory(protocol_factory, config, handshake_timeout)
+    server = await loop.create_server(factory, host, port, **kwds)
+    _SERVER_FACTORIES[server] = factory
+    return server
 
 
 async def create_unix_server(
@@ -185,9 +240,10 @@ async def create_unix_server(
     **kwds: Any,
 ) -> asyncio.Server:
     loop = asyncio.get_running_loop()
-    return await loop.create_unix_server(
-        _server_protocol_factory(protocol_factory, config, handshake_timeout), path, **kwds
-    )
+    factory = _server_protocol_factory(protocol_factory, config, handshake_timeout)
+    server = await loop.create_unix_server(factory, path, **kwds)
+    _SERVER_FACTORIES[server] = factory
+    return server
 
 
 def _stream_factory(cb: ClientConnectedCallback, limit: int) -> Callable[[], asyncio.BaseProtocol]:
@@ -240,6 +296,8 @@ __all__ = [
     "create_unix_server",
     "open_connection",
     "open_unix_connection",
+    "reload_server",
+    "server_config",
     "start_server",
     "start_unix_server",
 ]

@@ -97,6 +97,13 @@ def test_server_name_must_be_a_dns_name(name: str) -> None:
         ClientHello.decode(unpack_map(pack_map(hello.encode()), 1 << 16))
 
 
+def test_duplicate_keys_and_non_string_keys_refused() -> None:
+    with pytest.raises(securechan.DecodeError, match="repeats a key"):
+        unpack_map(b"\x82\xa4type\xa5alert\xa4type\xa5alert", 1 << 16)
+    with pytest.raises(securechan.DecodeError):
+        unpack_map(msgpack.packb({1: 2}), 1 << 16)
+
+
 def test_bool_is_not_an_int() -> None:
     hello = ClientHello(versions=(1,), random=b"r" * 32, suites=(1,), key_wraps=(1,), x25519=b"x" * 32, max_record=65536).encode()
     hello["max_record"] = True

@@ -1,0 +1,246 @@
+"""The tunnel against direct, stunnel (TLS 1.3) and spiped: iperf3 and redis-benchmark through each.
+
+Each contender is a client-side listener that forwards to a server-side listener that
+forwards to the real service (iperf3 or redis-server). The client-side programs (the
+load generator and the tunnel's client end) run on one core, the server-side programs
+(the tunnel's server end and the service) on the other. Only 127.0.0.1 is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .pkiutil import BenchPKI
+from .procs import CLIENT_CPU, ROOT, SERVER_CPU
+from .stats import summary
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:g} s")
+
+
+def _pinned(cpu: int) -> Callable[[], None]:
+    def pre() -> None:
+        if hasattr(os, "sched_setaffinity") and cpu in os.sched_getaffinity(0):
+            os.sched_setaffinity(0, {cpu})
+
+    return pre
+
+
+class Procs:
+    """Background programs started for one contender; all stopped on exit."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], cpu: int, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                preexec_fn=_pinned(cpu), cwd=cwd)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+# -- availability -------------------------------------------------------------------------
+
+
+def securechan_tunnel_missing() -> str | None:
+    """None when the ``securechan server``/``client`` commands exist, else why not."""
+    for cmd in ("server", "client"):
+        done = subprocess.run([sys.executable, "-m", "securechan", cmd, "--help"], capture_output=True, text=True,
+                              cwd=ROOT, check=False)
+        if done.returncode != 0:
+            return f"'securechan {cmd}' is not available yet ({done.stderr.strip().splitlines()[-1:] or 'no output'})"
+    return None
+
+
+def missing_programs(*names: str) -> list[str]:
+    return [n for n in names if shutil.which(n) is None]
+
+
+# -- contenders: each yields the client-side port that reaches ``target`` ----------------
+
+
+@contextlib.contextmanager
+def direct(target: int, pki: BenchPKI, work: Path) -> Iterator[int]:
+    yield target
+
+
+@contextlib.contextmanager
+def stunnel(target: int, pki: BenchPKI, work: Path) -> Iterator[int]:
+    exe = shutil.which("stunnel4") or shutil.which("stunnel")
+    assert exe is not None
+    mid, front = free_port(), free_port()
+    common = "foreground = yes\npid =\nsyslog = no\ndebug = 3\nsslVersionMin = TLSv1.3\n" \
+             "ciphersuites = TLS_AES_256_GCM_SHA384\n"
+    (work / "stunnel-server.conf").write_text(
+        common + f"[srv]\naccept = 127.0.0.1:{mid}\nconnect = 127.0.0.1:{target}\ncert = {pki.combined}\n")
+    (work / "stunnel-client.conf").write_text(
+        common + f"client = yes\n[cli]\naccept = 127.0.0.1:{front}\nconnect = 127.0.0.1:{mid}\n"
+        f"CAfile = {pki.ca}\nverifyChain = yes\ncheckIP = 127.0.0.1\n")
+    procs = Procs()
+    try:
+        procs.start([exe, str(work / "stunnel-server.conf")], SERVER_CPU)
+        procs.start([exe, str(work / "stunnel-client.conf")], CLIENT_CPU)
+        wait_port(mid)
+        wait_port(front)
+        yield front
+    finally:
+        procs.stop()
+
+
+@contextlib.contextmanager
+def spiped(target: int, pki: BenchPKI, work: Path) -> Iterator[int]:
+    key = work / "spiped.key"
+    key.write_bytes(os.urandom(32))
+    os.chmod(key, 0o600)
+    mid, front = free_port(), free_port()
+    procs = Procs()
+    try:
+        procs.start(["spiped", "-d", "-F", "-n", "0", "-s", f"[127.0.0.1]:{mid}", "-t", f"[127.0.0.1]:{target}",
+                     "-k", str(key)], SERVER_CPU)
+        procs.start(["spiped", "-e", "-F", "-n", "0", "-s", f"[127.0.0.1]:{front}", "-t", f"[127.0.0.1]:{mid}",
+                     "-k", str(key)], CLIENT_CPU)
+        wait_port(mid)
+        wait_port(front)
+        yield front
+    finally:
+        procs.stop()
+
+
+@contextlib.contextmanager
+def securechan_tunnel(target: int, pki: BenchPKI, work: Path) -> Iterator[int]:
+    mid, front = free_port(), free_port()
+    sc = [sys.executable, "-m", "securechan"]
+    procs = Procs()
+    try:
+        procs.start(sc + ["server", "--listen", f"127.0.0.1:{mid}", "--target", f"127.0.0.1:{target}",
+                          "--cert", str(pki.cert), "--key", str(pki.key)], SERVER_CPU, cwd=ROOT)
+        procs.start(sc + ["client", "--listen", f"127.0.0.1:{front}", "--target", f"127.0.0.1:{mid}",
+                          "--cafile", str(pki.ca), "--server-name", "127.0.0.1"], CLIENT_CPU, cwd=ROOT)
+        wait_port(mid)
+        wait_port(front)
+        yield front
+    finally:
+        procs.stop()
+
+
+CONTENDERS = {"direct": direct, "stunnel": stunnel, "spiped": spiped, "securechan": securechan_tunnel}
+
+
+def available() -> tuple[dict[str, Any], dict[str, str]]:
+    """The contenders that can run here, and a note for each that cannot."""
+    ok: dict[str, Any] = {}
+    notes: dict[str, str] = {}
+    for name, ctx in CONTENDERS.items():
+        if name == "stunnel" and missing_programs("stunnel4") and missing_programs("stunnel"):
+            notes[name] = "stunnel4 not installed (make bench-peers)"
+        elif name == "spiped" and missing_programs("spiped"):
+            notes[name] = "spiped not installed (make bench-peers)"
+        elif name == "securechan" and (why := securechan_tunnel_missing()):
+            notes[name] = why
+        else:
+            ok[name] = ctx
+    return ok, notes
+
+
+# -- loads --------------------------------------------------------------------------------
+
+
+def iperf3(port: int, seconds: float) -> float:
+    done = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", f"{seconds:g}", "-J"],
+                          capture_output=True, text=True, timeout=seconds + 30, preexec_fn=_pinned(CLIENT_CPU),
+                          check=False)
+    data = json.loads(done.stdout or "{}")
+    if "error" in data or done.returncode != 0:
+        raise RuntimeError(f"iperf3 failed: {data.get('error') or done.stderr.strip()}")
+    return float(data["end"]["sum_received"]["bits_per_second"])
+
+
+def redis_rps(port: int, requests: int, clients: int, keepalive: bool) -> float:
+    argv = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", "ping_mbulk", "-n", str(requests),
+            "-c", str(clients), "-q", "--csv"]
+    if not keepalive:
+        argv += ["-k", "0"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, preexec_fn=_pinned(CLIENT_CPU),
+                          check=False)
+    for line in done.stdout.splitlines():
+        cells = [c.strip('"') for c in line.split(",")]
+        if cells and cells[0].startswith("PING") and len(cells) > 1:
+            return float(cells[1])
+    raise RuntimeError(f"redis-benchmark gave no PING figure: {done.stdout.strip()} {done.stderr.strip()}")
+
+
+def measure(pki: BenchPKI, work: Path, quick: bool, runs: int, warmup: int,
+            progress: Callable[[str], None], tiny: bool = False) -> dict[str, Any]:
+    contenders, notes = available()
+    results: dict[str, Any] = {"notes": dict(notes), "iperf3": {}, "redis_ping_c50": {}, "redis_new_conn": {}}
+    services = Procs()
+    try:
+        have_iperf = not missing_programs("iperf3")
+        have_redis = not missing_programs("redis-server", "redis-benchmark")
+        if not have_iperf:
+            results["notes"]["iperf3"] = "iperf3 not installed (make bench-peers)"
+        if not have_redis:
+            results["notes"]["redis"] = "redis-server/redis-benchmark not installed (make bench-peers)"
+        iperf_port, redis_port = free_port(), free_port()
+        if have_iperf:
+            services.start(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)], SERVER_CPU)
+            wait_port(iperf_port)
+        if have_redis:
+            services.start(["redis-server", "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
+                            "--appendonly", "no", "--protected-mode", "no", "--maxclients", "10000"], SERVER_CPU)
+            wait_port(redis_port)
+        seconds = 1.0 if tiny else 2.0 if quick else 5.0
+        requests = 500 if tiny else 20_000 if quick else 100_000
+        new_conn_requests = 100 if tiny else 2_000 if quick else 10_000
+        for name, ctx in contenders.items():
+            progress(f"tunnel: {name}")
+            try:
+                if have_iperf:
+                    with ctx(iperf_port, pki, work) as port:
+                        vals = [iperf3(port, seconds) for _ in range(warmup + runs)][warmup:]
+                        results["iperf3"][name] = summary(vals, "bit/s")
+                if have_redis:
+                    with ctx(redis_port, pki, work) as port:
+                        vals = [redis_rps(port, requests, 50, True) for _ in range(warmup + runs)][warmup:]
+                        results["redis_ping_c50"][name] = summary(vals, "req/s")
+                        vals = [redis_rps(port, new_conn_requests, 50, False) for _ in range(warmup + runs)][warmup:]
+                        results["redis_new_conn"][name] = summary(vals, "conn/s")
+            except (RuntimeError, subprocess.SubprocessError, OSError, KeyError, ValueError) as exc:
+                results["notes"][name] = f"failed: {exc}"
+    finally:
+        services.stop()
+    return results

@@ -1,0 +1,394 @@
+"""One running tunnel: its listener, the per-connection work (handshake, target connect, relay) and its logs.
+
+Theory of operation
+-------------------
+A *server* tunnel listens for securechan and relays each authenticated connection to a
+plain target; a *client* tunnel listens for plain TCP and relays each connection over
+securechan to the target. Every accepted socket is counted from the moment it is
+accepted (so connections still in the handshake count towards ``max_connections``);
+above the limit the socket is reset at once.
+
+Per connection: handshake (bounded by ``handshake_timeout``), connect to the target
+(bounded by ``connect_timeout``, ``connect_retries`` extra attempts), optionally a PROXY v2
+header, then a :class:`~securechan.tunnel.relay.Relay`. When it ends, one log line gives
+peer, verified identity, suite, bytes each way, duration and why it closed. Connections
+that never completed a handshake or moved no bytes are logged at DEBUG under ``quiet``
+(load-balancer health checks).
+
+Shutdown: :meth:`Tunnel.stop_accepting` closes the listener; :meth:`Tunnel.drain` waits
+for open relays up to a deadline, then aborts the rest (RST / no close_notify, so neither
+end mistakes a cut stream for a complete one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Coroutine
+from typing import Any, cast
+
+from ..certs import describe
+from ..config import ClientConfig, ServerConfig
+from ..connection import Connection
+from ..errors import (
+    ConnectionClosedError,
+    HandshakeTimeoutError,
+    ListenError,
+    NameMismatchError,
+    SecureChannelError,
+    TruncationError,
+)
+from ..protocol import SecureProtocol
+from ..streams import open_connection, open_unix_connection
+from . import proxyproto
+from .addresses import Address, connect
+from .relay import CHUNK, Relay, Side
+from .spec import TunnelSpec
+
+log = logging.getLogger("securechan.tunnel")
+
+
+def _peer_text(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = str(peer[0])
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    return f"unix:{peer}" if peer else "unix peer"
+
+
+def _reset(base: asyncio.BaseTransport) -> None:
+    transport = cast(asyncio.Transport, base)
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+class _CountedProtocol(SecureProtocol):
+    """The server tunnel's SecureProtocol: counts the socket from accept, refuses above the limit."""
+
+    def __init__(self, tunnel: Tunnel, *args: Any) -> None:
+        super().__init__(*args)
+        self._tunnel = tunnel
+        self._counted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._tunnel._admit(transport):
+            return
+        self._counted = True
+        self._tunnel._protocols.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._counted:
+            self._counted = False
+            self._tunnel._release()
+            self._tunnel._protocols.discard(self)
+        super().connection_lost(exc)
+
+    def abort(self) -> None:
+        if self._tcp is not None:
+            _reset(self._tcp)
+
+
+class Tunnel:
+    """A tunnel described by ``spec``. ``start()`` listens; ``stop_accepting()`` + ``drain()`` shut it down."""
+
+    def __init__(self, spec: TunnelSpec, *, reuse_port: bool = False) -> None:
+        spec.check()
+        self.spec = spec
+        self.reuse_port = reuse_port
+        self._server_config: ServerConfig | None = spec.server_config() if spec.mode == "server" else None
+        self._client_config: ClientConfig | None = spec.client_config() if spec.mode == "client" else None
+        self.server: asyncio.Server | None = None
+        self.active = 0
+        self.relays: set[Relay] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._protocols: set[_CountedProtocol] = set()
+        self._closing = False
+        self._hurry = False
+        #: Totals since start, for the shutdown line and for tests.
+        self.accepted = 0
+        self.rejected = 0
+        self.completed = 0
+        self.cut = 0
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        spec, loop = self.spec, asyncio.get_running_loop()
+        try:
+            if spec.mode == "server":
+                if spec.listen.path is not None:
+                    self.server = await loop.create_unix_server(self._make_protocol, spec.listen.path)
+                else:
+                    self.server = await loop.create_server(self._make_protocol, spec.listen.host, spec.listen.port or 0,
+                                                           reuse_address=True, reuse_port=self.reuse_port or None)
+            elif spec.listen.path is not None:
+                self.server = await asyncio.start_unix_server(self._on_plain, spec.listen.path, limit=CHUNK)
+            else:
+                self.server = await asyncio.start_server(self._on_plain, spec.listen.host, spec.listen.port or 0,
+                                                         limit=CHUNK, reuse_address=True,
+                                                         reuse_port=self.reuse_port or None)
+        except OSError as exc:
+            hint = {98: "another process is listening there; stop it or choose another port",
+                    13: "this user may not bind there; use a port above 1023 or grant CAP_NET_BIND_SERVICE",
+                    99: "that address is not configured on this machine"}.get(exc.errno or 0, "")
+            raise ListenError(f"tunnel {spec.title!r} cannot listen on {spec.listen}: "
+                              f"{exc.strerror or exc}" + (f"; {hint}" if hint else "")) from None
+        log.info("tunnel %r: %s on %s -> %s %s (max %d connections%s)", spec.title,
+                 "securechan in" if spec.mode == "server" else "plain in", ", ".join(self.addresses),
+                 "plain" if spec.mode == "server" else "securechan", spec.target, spec.max_connections,
+                 ", PROXY v2" if spec.proxy_protocol else "")
+
+    @property
+    def addresses(self) -> list[str]:
+        if self.server is None:
+            return []
+        out = []
+        for sock in self.server.sockets:
+            name = sock.getsockname()
+            out.append(_peer_text(name) if isinstance(name, tuple) else f"unix:{name}")
+        return out
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful with port 0)."""
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def stop_accepting(self) -> None:
+        self._closing = True
+        if self.server is not None:
+            self.server.close()
+
+    async def drain(self, deadline: float | None) -> int:
+        """Wait up to ``deadline`` seconds (None: forever) for open connections to finish; abort the rest.
+
+        Returns how many relays were cut.
+        """
+        loop = asyncio.get_running_loop()
+        end = None if deadline is None else loop.time() + deadline
+        while self.active and not self._hurry and (end is None or loop.time() < end):
+            await asyncio.sleep(0.05)
+        cut = len(self.relays)
+        for relay in list(self.relays):
+            relay.stop(f"shutdown deadline ({deadline:g} s) reached" if deadline is not None else "shutdown")
+        for proto in list(self._protocols):
+            proto.abort()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=1)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        self.cut += cut
+        return cut
+
+    def hurry(self) -> None:
+        """End a running :meth:`drain` now (a second SIGTERM/SIGINT)."""
+        self._hurry = True
+
+    async def close(self, deadline: float | None = 0) -> None:
+        self.stop_accepting()
+        await self.drain(deadline)
+        if self.server is not None:
+            await self.server.wait_closed()
+        path = self.spec.listen.path
+        if path is not None:
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.stat(path).st_mode):
+                    os.unlink(path)
+
+    def reload(self) -> None:
+        """Re-read certificate, key and CA files for new connections (SIGHUP); raises ConfigError if broken."""
+        if self.spec.mode == "server":
+            self._server_config = self.spec.server_config()
+        else:
+            self._client_config = self.spec.client_config()
+        log.info("tunnel %r: reloaded certificates for new connections", self.spec.title)
+
+    # -- accounting -------------------------------------------------------------------------
+
+    def _admit(self, transport: asyncio.BaseTransport) -> bool:
+        if self._closing or self.active >= self.spec.max_connections:
+            self.rejected += 1
+            if not self._closing:
+                log.warning("tunnel %r: connection limit (%d) reached; reset connection from %s "
+                            "(raise --max-connections if this load is expected)", self.spec.title,
+                            self.spec.max_connections, _peer_text(transport.get_extra_info("peername")))
+            _reset(transport)
+            return False
+        self.active += 1
+        self.accepted += 1
+        return True
+
+    def _release(self) -> None:
+        self.active -= 1
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _log_end(self, peer: str, identity: str, suite: str, relay: Relay | None, reason: str,
+                 started: float, *, failed: bool) -> None:
+        up, down = (relay.up, relay.down) if relay is not None else (0, 0)
+        duration = asyncio.get_running_loop().time() - started
+        if failed and relay is None:
+            level = logging.WARNING
+        elif self.spec.quiet and up == 0 and down == 0:
+            level = logging.DEBUG
+        else:
+            level = logging.INFO
+        log.log(level, "tunnel %r: %s identity=%s suite=%s up=%d down=%d duration=%.3fs closed: %s",
+                self.spec.title, peer, identity, suite, up, down, duration, reason)
+
+    # -- server side: securechan in, plain out -------------------------------------------------
+
+    def _make_protocol(self) -> SecureProtocol:
+        loop = asyncio.get_running_loop()
+        assert self._server_config is not None
+        reader = asyncio.StreamReader(limit=CHUNK, loop=loop)
+        started = loop.time()
+
+        def connected(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            self._spawn(self._serve_secure(r, w, started))
+
+        proto = _CountedProtocol(
+            self, Connection(self._server_config),
+            lambda: asyncio.StreamReaderProtocol(reader, connected, loop=loop), None, self.spec.handshake_timeout,
+        )
+        proto.on_handshake_failed = self._handshake_failed
+        return proto
+
+    def _handshake_failed(self, proto: SecureProtocol, exc: BaseException) -> None:
+        peer = _peer_text(proto._peer)
+        # A socket that connects and hangs up (a TCP health check, a port scan) is routine.
+        routine = isinstance(exc, (TruncationError, ConnectionClosedError))
+        level = (logging.DEBUG if self.spec.quiet else logging.INFO) if routine else logging.WARNING
+        log.log(level, "tunnel %r: %s handshake failed: %s", self.spec.title, peer, exc)
+
+    async def _serve_secure(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, started: float) -> None:
+        spec = self.spec
+        peer_addr = writer.get_extra_info("peername")
+        peer = _peer_text(peer_addr)
+        session = writer.get_extra_info("securechan")
+        cert = writer.get_extra_info("peercert")
+        identity = repr(describe(cert)) if cert is not None else "none"
+        suite = session.suite + (" resumed" if session.resumed else "")
+        try:
+            sock = await connect(spec.target, spec.connect_timeout, spec.connect_retries, spec.retry_delay)
+        except OSError as exc:
+            _reset(writer.transport)
+            self._log_end(peer, identity, suite, None, _target_failure(spec.target, spec.connect_timeout, exc),
+                          started, failed=True)
+            return
+        except asyncio.CancelledError:
+            writer.transport.abort()
+            raise
+        if spec.target.is_unix:
+            t_reader, t_writer = await asyncio.open_unix_connection(sock=sock, limit=CHUNK)
+        else:
+            t_reader, t_writer = await asyncio.open_connection(sock=sock, limit=CHUNK)
+        if spec.proxy_protocol:
+            cn = None
+            if cert is not None:
+                from ..acl import common_names
+
+                names = common_names(cert)
+                cn = names[0] if names else describe(cert)
+            t_writer.write(proxyproto.header(peer_addr, writer.get_extra_info("sockname"),
+                                             proxyproto.ssl_tlv(f"securechan/{session.version}", session.suite, cn)))
+        relay = Relay(Side(reader, writer, True, "client"), Side(t_reader, t_writer, False, "target"),
+                      idle_timeout=spec.idle_timeout, max_lifetime=spec.max_lifetime)
+        await self._run_relay(relay, peer, identity, suite, started)
+
+    async def _run_relay(self, relay: Relay, peer: str, identity: str, suite: str, started: float) -> None:
+        self.relays.add(relay)
+        try:
+            await relay.run()
+        finally:
+            self.relays.discard(relay)
+            self.completed += 1
+            self._log_end(peer, identity, suite, relay, relay.reason or "cancelled", started, failed=relay.failed)
+
+    # -- client side: plain in, securechan out -------------------------------------------------
+
+    async def _on_plain(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._admit(writer.transport):
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(cast("asyncio.Task[None]", task))
+        try:
+            await self._serve_plain(reader, writer)
+        finally:
+            self._release()
+            self._tasks.discard(cast("asyncio.Task[None]", task))
+
+    async def _serve_plain(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        spec, loop = self.spec, asyncio.get_running_loop()
+        started = loop.time()
+        peer = _peer_text(writer.get_extra_info("peername"))
+        assert self._client_config is not None
+        config = self._client_config
+        try:
+            sock = await connect(spec.target, spec.connect_timeout, spec.connect_retries, spec.retry_delay)
+        except OSError as exc:
+            _reset(writer.transport)
+            self._log_end(peer, "-", "-", None, _target_failure(spec.target, spec.connect_timeout, exc),
+                          started, failed=True)
+            return
+        except asyncio.CancelledError:
+            _reset(writer.transport)
+            raise
+        try:
+            if spec.target.is_unix:
+                s_reader, s_writer = await open_unix_connection(
+                    sock=sock, config=config, server_name=spec.effective_server_name, limit=CHUNK)
+            else:
+                s_reader, s_writer = await open_connection(
+                    sock=sock, config=config, server_name=spec.effective_server_name, limit=CHUNK)
+        except SecureChannelError as exc:
+            sock.close()
+            _reset(writer.transport)
+            self._log_end(peer, "-", "-", None, self._handshake_failure(exc), started, failed=True)
+            return
+        except BaseException:
+            sock.close()
+            _reset(writer.transport)
+            raise
+        session = s_writer.get_extra_info("securechan")
+        cert = s_writer.get_extra_info("peercert")
+        identity = repr(describe(cert)) if cert is not None else "pinned key"
+        suite = session.suite + (" resumed" if session.resumed else "")
+        relay = Relay(Side(reader, writer, False, "client"), Side(s_reader, s_writer, True, "target"),
+                      idle_timeout=spec.idle_timeout, max_lifetime=spec.max_lifetime)
+        await self._run_relay(relay, peer, identity, suite, started)
+
+    def _handshake_failure(self, exc: SecureChannelError) -> str:
+        spec = self.spec
+        where = f"securechan handshake with {spec.target} failed"
+        if isinstance(exc, NameMismatchError):
+            return (f"{where}: the server certificate does not match --server-name "
+                    f"{spec.effective_server_name!r}: {exc}")
+        if isinstance(exc, HandshakeTimeoutError):
+            return f"{where}: {exc} (is {spec.target} a securechan server tunnel, not the plain service?)"
+        if isinstance(exc, TruncationError):
+            return (f"{where}: the target closed the connection during the handshake; is {spec.target} a "
+                    "securechan server tunnel, and does it accept this client (its log says why)?")
+        return f"{where}: {exc}"
+
+
+def _target_failure(target: Address, timeout: float, exc: OSError) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"target {target} did not accept the connection within {timeout:g} s; is it overloaded or firewalled?"
+    if isinstance(exc, ConnectionRefusedError) or (target.is_unix and isinstance(exc, FileNotFoundError)):
+        return f"target {target} refused the connection; is the service running and listening there?"
+    return f"cannot connect to target {target}: {exc.strerror or exc}"

@@ -1,0 +1,257 @@
+"""``securechan ca`` / ``securechan cert``: round trips in a temporary folder, then real connections."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+import securechan
+from securechan import pki
+from securechan.certs import format_pin, load_certificates, spki_sha256
+from securechan.cli import main
+
+
+def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The real command, as a user types it."""
+    return subprocess.run(
+        [sys.executable, "-m", "securechan", *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """The same entry point in-process (faster, for the many error paths)."""
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def eku(cert: x509.Certificate) -> set[x509.ObjectIdentifier]:
+    return set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+
+
+async def mutual_round_trip(server_crt: Path, server_key: Path, client_ca: Path,
+                            client_crt: Path, client_key: Path, trust: Path) -> x509.Certificate:
+    seen: list[x509.Certificate] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(writer.get_extra_info("peercert"))
+        writer.write(await reader.readline())
+        await writer.drain()
+        writer.close()
+
+    server = await securechan.start_server(
+        handler, "127.0.0.1", 0,
+        config=securechan.ServerConfig(certfile=server_crt, keyfile=server_key, client_cafile=client_ca),
+    )
+    try:
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await securechan.open_connection(
+            "127.0.0.1", port,
+            config=securechan.ClientConfig(cafile=trust, certfile=client_crt, keyfile=client_key),
+        )
+        writer.write(b"hello\n")
+        assert await reader.readline() == b"hello\n"
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        server.close()
+        await server.wait_closed()
+    return seen[0]
+
+
+async def test_three_commands_from_an_empty_folder(tmp_path: Path) -> None:
+    r = run("ca", "init", "--dir", "ca", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert mode(tmp_path / "ca" / "ca.key") == 0o600
+    r = run("cert", "issue", "--ca", "ca", "--name", "localhost", "--ip", "127.0.0.1", "--out", "server", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run("cert", "issue", "--ca", "ca", "--name", "alice", "--client",
+            "--uri", "spiffe://example.org/alice", "--out", "alice", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert mode(tmp_path / "server.key") == 0o600 and mode(tmp_path / "alice.key") == 0o600
+
+    server = load_certificates(tmp_path / "server.crt")[0]
+    alice = load_certificates(tmp_path / "alice.crt")[0]
+    assert eku(server) == {ExtendedKeyUsageOID.SERVER_AUTH}
+    assert eku(alice) == {ExtendedKeyUsageOID.CLIENT_AUTH}
+    assert server.extensions.get_extension_for_class(x509.KeyUsage).value.key_encipherment
+    ca = tmp_path / "ca" / "ca.crt"
+    peer = await mutual_round_trip(tmp_path / "server.crt", tmp_path / "server.key", ca,
+                                   tmp_path / "alice.crt", tmp_path / "alice.key", ca)
+    assert peer == alice
+
+
+def test_cert_show_prints_everything_and_the_pin_is_accepted(tmp_path: Path) -> None:
+    assert run("ca", "init", "--dir", "ca", "--name", "Show CA", cwd=tmp_path).returncode == 0
+    assert run("cert", "issue", "--ca", "ca", "--name", "db.internal", "--dns", "db", "--ip", "10.0.0.5",
+               "--days", "30", "--out", "db", cwd=tmp_path).returncode == 0
+    r = run("cert", "show", "db.crt", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    cert = load_certificates(tmp_path / "db.crt")[0]
+    pin = format_pin(spki_sha256(cert))
+    for expected in ("subject:  CN=db.internal", "DNS:db.internal, DNS:db, IP:10.0.0.5", "issuer:   CN=Show CA",
+                     "key type: RSA 2048", "usage:    server", "29 days left", f"pin:      {pin}"):
+        assert expected in r.stdout
+    r = run("cert", "show", "--pin", "db.crt", cwd=tmp_path)
+    assert r.stdout.strip() == pin
+    securechan.ClientConfig(pin=r.stdout.strip())  # the printed pin is what pin= accepts
+    # The key file shows the same pin.
+    r = run("cert", "show", "db.key", cwd=tmp_path)
+    assert r.returncode == 0 and pin in r.stdout and "RSA 2048" in r.stdout
+
+
+async def test_intermediate_ca(tmp_path: Path, capsys) -> None:
+    assert cli(capsys, "ca", "init", "--dir", str(tmp_path / "root"))[0] == 0
+    code, out, _ = cli(capsys, "ca", "init", "--dir", str(tmp_path / "issuing"), "--parent", str(tmp_path / "root"),
+                       "--name", "Issuing CA")
+    assert code == 0 and "intermediate CA" in out
+    for name, extra in (("localhost", ["--ip", "127.0.0.1"]), ("bob", ["--client", "--key-type", "ed25519"])):
+        code, _, err = cli(capsys, "cert", "issue", "--ca", str(tmp_path / "issuing"), "--name", name, *extra,
+                           "--out", str(tmp_path / name))
+        assert code == 0, err
+    chain = load_certificates(tmp_path / "bob.crt")
+    assert [c.subject.rfc4514_string() for c in chain] == ["CN=bob", "CN=Issuing CA"]
+    root = tmp_path / "root" / "ca.crt"
+    peer = await mutual_round_trip(tmp_path / "localhost.crt", tmp_path / "localhost.key", root,
+                                   tmp_path / "bob.crt", tmp_path / "bob.key", root)
+    assert peer == chain[0]
+    # An intermediate made here may not issue another CA (path length 0).
+    code, _, err = cli(capsys, "ca", "init", "--dir", str(tmp_path / "deeper"), "--parent", str(tmp_path / "issuing"))
+    assert code == 1 and "path length is 0" in err
+
+
+def test_client_and_server_certificate(tmp_path: Path, capsys) -> None:
+    cli(capsys, "ca", "init", "--dir", str(tmp_path / "ca"))
+    code, _, err = cli(capsys, "cert", "issue", "--ca", str(tmp_path / "ca"), "--name", "peer", "--client", "--server",
+                       "--out", str(tmp_path / "peer"))
+    assert code == 0, err
+    cert = load_certificates(tmp_path / "peer.crt")[0]
+    assert eku(cert) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    assert pki.path_length(cert) is None
+
+
+def test_refuses_to_overwrite(tmp_path: Path, capsys) -> None:
+    ca = str(tmp_path / "ca")
+    assert cli(capsys, "ca", "init", "--dir", ca)[0] == 0
+    code, _, err = cli(capsys, "ca", "init", "--dir", ca)
+    assert code == 1 and "already holds a CA; use --force" in err
+    assert cli(capsys, "ca", "init", "--dir", ca, "--force")[0] == 0
+    out = str(tmp_path / "s")
+    assert cli(capsys, "cert", "issue", "--ca", ca, "--name", "s", "--out", out)[0] == 0
+    code, _, err = cli(capsys, "cert", "issue", "--ca", ca, "--name", "s", "--out", out)
+    assert code == 1 and "already exists; use --force" in err
+    assert cli(capsys, "cert", "issue", "--ca", ca, "--name", "s", "--out", out, "--force")[0] == 0
+
+
+def test_usage_errors(tmp_path: Path, capsys) -> None:
+    ca = str(tmp_path / "ca")
+    code, _, err = cli(capsys, "cert", "issue", "--ca", ca, "--name", "x")
+    assert code == 1 and "holds no CA" in err and "securechan ca init" in err
+    cli(capsys, "ca", "init", "--dir", ca)
+    cases = [
+        (["--key-type", "ec-p256"], "needs an RSA key"),
+        (["--server"], "--server only makes sense with --client"),
+        (["--ip", "not-an-ip"], "is not an IP address"),
+        (["--uri", "example.org"], "is not a URI"),
+        (["--days", "0"], "--days must be at least 1"),
+    ]
+    for extra, message in cases:
+        code, _, err = cli(capsys, "cert", "issue", "--ca", ca, "--name", "x", "--out", str(tmp_path / "x"), *extra)
+        assert code == 1 and message in err, (extra, err)
+        assert not (tmp_path / "x.key").exists()
+
+
+def test_leaf_as_ca_and_mismatched_ca_key(tmp_path: Path, capsys) -> None:
+    ca = tmp_path / "ca"
+    cli(capsys, "ca", "init", "--dir", str(ca))
+    cli(capsys, "cert", "issue", "--ca", str(ca), "--name", "leaf", "--out", str(tmp_path / "leaf"))
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "ca.crt").write_bytes((tmp_path / "leaf.crt").read_bytes())
+    pki.write_private(fake / "ca.key", (tmp_path / "leaf.key").read_bytes())
+    code, _, err = cli(capsys, "cert", "issue", "--ca", str(fake), "--name", "y", "--out", str(tmp_path / "y"))
+    assert code == 1 and "is not a CA certificate" in err
+    other = tmp_path / "other"
+    cli(capsys, "ca", "init", "--dir", str(other))
+    (ca / "ca.key").write_bytes((other / "ca.key").read_bytes())
+    code, _, err = cli(capsys, "cert", "issue", "--ca", str(ca), "--name", "y", "--out", str(tmp_path / "y"))
+    assert code == 1 and "does not match the certificate" in err
+
+
+def test_encrypted_keys_with_passphrase_from_env_or_file(tmp_path: Path, capsys, monkeypatch) -> None:
+    ca = str(tmp_path / "ca")
+    monkeypatch.setenv("CA_PASS", "ca secret")
+    assert cli(capsys, "ca", "init", "--dir", ca, "--key-pass-env", "CA_PASS")[0] == 0
+    assert b"ENCRYPTED" in (tmp_path / "ca" / "ca.key").read_bytes()
+    out = str(tmp_path / "a")
+    code, _, err = cli(capsys, "cert", "issue", "--ca", ca, "--name", "a", "--client", "--out", out)
+    assert code == 1 and "is encrypted: give its passphrase" in err and "--key-pass-env" in err
+    monkeypatch.setenv("WRONG", "nope")
+    code, _, err = cli(capsys, "cert", "issue", "--ca", ca, "--name", "a", "--client", "--out", out,
+                       "--ca-pass-env", "WRONG")
+    assert code == 1 and "wrong passphrase" in err
+    passfile = tmp_path / "ca.pass"
+    passfile.write_text("ca secret\n")
+    monkeypatch.setenv("LEAF_PASS", "leaf secret")
+    code, _, err = cli(capsys, "cert", "issue", "--ca", ca, "--name", "a", "--client", "--out", out,
+                       "--ca-pass-file", str(passfile), "--key-pass-env", "LEAF_PASS")
+    assert code == 0, err
+    with pytest.raises(securechan.ConfigError, match="is encrypted"):
+        securechan.ClientConfig(pin="sha256:" + "00" * 32, certfile=out + ".crt", keyfile=out + ".key")
+    cfg = securechan.ClientConfig(pin="sha256:" + "00" * 32, certfile=out + ".crt", keyfile=out + ".key",
+                                  password="leaf secret")
+    assert cfg._identity_key is not None
+    code, _, err = cli(capsys, "cert", "show", out + ".key")
+    assert code == 1 and "is encrypted" in err
+    code, out_text, _ = cli(capsys, "cert", "show", out + ".key", "--key-pass-env", "LEAF_PASS")
+    assert code == 0 and "EC secp256r1" in out_text
+    code, _, err = cli(capsys, "cert", "issue", "--ca", ca, "--name", "b", "--client", "--out", str(tmp_path / "b"),
+                       "--ca-pass-env", "UNSET_VARIABLE_FOR_TEST")
+    assert code == 1 and "is not set" in err
+
+
+def test_world_readable_key_warns(tmp_path: Path) -> None:
+    assert run("ca", "init", "--dir", "ca", cwd=tmp_path).returncode == 0
+    assert run("cert", "issue", "--ca", "ca", "--name", "c", "--client", "--out", "c", cwd=tmp_path).returncode == 0
+    os.chmod(tmp_path / "c.key", 0o644)
+    r = run("cert", "show", "c.key", cwd=tmp_path)
+    assert r.returncode == 0
+    assert "readable by other users" in r.stderr and "chmod 600" in r.stderr
+    os.chmod(tmp_path / "ca" / "ca.key", 0o640)
+    r = run("cert", "issue", "--ca", "ca", "--name", "d", "--client", "--out", "d", cwd=tmp_path)
+    assert r.returncode == 0 and "readable by other users" in r.stderr
+
+
+def test_cert_show_errors(tmp_path: Path, capsys) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("hello")
+    code, _, err = cli(capsys, "cert", "show", str(junk))
+    assert code == 1 and "no readable PEM certificate" in err
+    code, _, err = cli(capsys, "cert", "show", str(tmp_path / "missing.crt"))
+    assert code == 1 and "does not exist" in err
+
+
+def test_wrong_role_certificates_are_refused_by_configs(tmp_path: Path, capsys) -> None:
+    ca = str(tmp_path / "ca")
+    cli(capsys, "ca", "init", "--dir", ca)
+    cli(capsys, "cert", "issue", "--ca", ca, "--name", "srv", "--out", str(tmp_path / "srv"))
+    cli(capsys, "cert", "issue", "--ca", ca, "--name", "cl", "--client", "--key-type", "rsa2048",
+        "--out", str(tmp_path / "cl"))
+    with pytest.raises(securechan.ConfigError, match="cannot be used as a server certificate"):
+        securechan.ServerConfig(certfile=tmp_path / "cl.crt", keyfile=tmp_path / "cl.key")
+    with pytest.raises(securechan.ConfigError, match="cannot be used as a client certificate"):
+        securechan.ClientConfig(cafile=tmp_path / "ca" / "ca.crt", certfile=tmp_path / "srv.crt",
+                                keyfile=tmp_path / "srv.key")

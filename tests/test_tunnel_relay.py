@@ -1,0 +1,366 @@
+"""Tunnel relay semantics over real loopback sockets: half-close, failures, backpressure, limits, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import socket
+import struct
+
+import pytest
+
+import securechan
+from tunnelkit import echo_then_bye, free_port, open_fds, pair, plain_target, running, server_spec, until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def tunnel_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.DEBUG, logger="securechan.tunnel")
+    return caplog
+
+
+def lines(caplog: pytest.LogCaptureFixture, level: int = logging.DEBUG) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.name == "securechan.tunnel" and r.levelno >= level)
+
+
+async def test_half_close_sender_still_gets_whole_reply(pki_dir, tunnel_log) -> None:
+    payload = os.urandom(3 * 1024 * 1024)
+    async with plain_target(echo_then_bye) as port, pair(pki_dir, f"127.0.0.1:{port}") as (srv, cli):
+        reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+        writer.write(payload)
+        writer.write_eof()  # the sender is done writing ...
+        reply = await reader.read()  # ... and still reads the whole reply, which exists only after its EOF
+        writer.close()
+        await until(lambda: srv.completed == 1 and cli.completed == 1)
+    assert hashlib.sha256(reply).digest() == hashlib.sha256(payload + b"BYE").digest()
+    log = lines(tunnel_log, logging.INFO)
+    assert f"up={len(payload)} down={len(payload) + 3}" in log
+    assert "closed: client closed first" in log
+
+
+async def test_target_eof_reaches_securechan_client_as_close_notify(pki_dir) -> None:
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"hello")
+        writer.write_eof()  # target half-closes first; it still reads afterwards
+        got = await reader.read()
+        writer.write(got) if not writer.transport.is_closing() else None
+        writer.close()
+
+    async with plain_target(greet) as port, running(server_spec(pki_dir, f"127.0.0.1:{port}")) as (srv,):
+        reader, writer = await securechan.open_connection("127.0.0.1", srv.port, config=pki_dir.client_config(),
+                                                          server_name="localhost")
+        assert await reader.read() == b"hello"  # b"" after close_notify, not a TruncationError
+        assert reader.at_eof()
+        writer.write(b"still writable after the peer's close_notify")
+        writer.write_eof()
+        writer.close()
+        await writer.wait_closed()
+        await until(lambda: srv.completed == 1)
+
+
+async def test_truncated_secure_stream_resets_the_plain_side(pki_dir, tunnel_log) -> None:
+    """TCP EOF without close_notify must not reach the target as a clean EOF."""
+    outcome: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            data = await reader.read(100)
+            outcome.set_result(("data", data, await reader.read()))
+        except ConnectionResetError as exc:
+            outcome.set_result(exc)
+        writer.close()
+
+    async with plain_target(target) as port, running(server_spec(pki_dir, f"127.0.0.1:{port}")) as (srv,):
+        reader, writer = await securechan.open_connection("127.0.0.1", srv.port, config=pki_dir.client_config(),
+                                                          server_name="localhost")
+        writer.write(b"x")
+        await writer.drain()
+        await until(lambda: len(srv.relays) == 1)
+        writer.get_extra_info("socket").shutdown(socket.SHUT_WR)  # FIN, no close_notify
+        result = await asyncio.wait_for(outcome, 10)
+        writer.transport.abort()
+        await until(lambda: srv.completed == 1)
+    assert isinstance(result, ConnectionResetError), f"target saw {result!r} instead of a reset"
+    assert "without close_notify (truncated)" in lines(tunnel_log)
+
+
+async def test_plain_reset_reaches_securechan_client_as_reset(pki_dir) -> None:
+    async def resetter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"partial")
+        await writer.drain()
+        await reader.read(1)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    async with plain_target(resetter) as port, running(server_spec(pki_dir, f"127.0.0.1:{port}")) as (srv,):
+        reader, writer = await securechan.open_connection("127.0.0.1", srv.port, config=pki_dir.client_config(),
+                                                          server_name="localhost")
+        assert await reader.readexactly(7) == b"partial"
+        writer.write(b"go")
+        with pytest.raises(ConnectionResetError):  # the tunnel resets: never a clean close_notify
+            await reader.read()
+        writer.transport.abort()
+        await until(lambda: srv.completed == 1)
+
+
+async def test_reset_through_both_tunnels_reaches_the_plain_client_as_reset(pki_dir) -> None:
+    async def resetter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    async with plain_target(resetter) as port, pair(pki_dir, f"127.0.0.1:{port}") as (srv, cli):
+        reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+        writer.write(b"go")
+        with pytest.raises(ConnectionResetError):
+            await reader.read()
+        writer.close()
+        await until(lambda: srv.completed == 1 and cli.completed == 1)
+
+
+async def test_slow_reader_pauses_the_sender_and_memory_stays_bounded(pki_dir) -> None:
+    """The target reads nothing: the tunnels stop reading, and hold a bounded number of bytes."""
+    release = asyncio.Event()
+    total = 48 * 1024 * 1024
+    received = 0
+
+    async def stalled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal received
+        await release.wait()
+        while data := await reader.read(1 << 20):
+            received += len(data)
+        writer.close()
+
+    async with plain_target(stalled) as port, pair(pki_dir, f"127.0.0.1:{port}") as (srv, cli):
+        reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+        writer.write(os.urandom(1 << 20) * (total >> 20))  # all queued in this process at once
+        await until(lambda: len(srv.relays) == 1 and len(cli.relays) == 1)
+        # Wait until the flow stopped: the sender's buffer no longer shrinks.
+        previous = -1
+        while (pending := writer.transport.get_write_buffer_size()) != previous:
+            previous = pending
+            await asyncio.sleep(0.2)
+        (s_relay,), (c_relay,) = srv.relays, cli.relays
+        assert pending > total // 2, "the sender was not paused: the tunnels absorbed most of the stream"
+        for relay in (s_relay, c_relay):
+            assert relay.held_bytes() <= 512 * 1024, f"a tunnel holds {relay.held_bytes()} bytes for one connection"
+        release.set()
+        writer.write_eof()
+        await until(lambda: received == total, 30)
+        writer.close()
+        await until(lambda: srv.completed == 1 and cli.completed == 1)
+
+
+async def test_target_refusing(pki_dir, tunnel_log) -> None:
+    port = free_port()  # nothing listens there
+    async with pair(pki_dir, f"127.0.0.1:{port}") as (srv, cli):
+        reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+        writer.write(b"hello")
+        with pytest.raises(ConnectionResetError):
+            await reader.read()  # reset, not a clean (empty) reply
+        writer.close()
+        await until(lambda: "refused the connection" in lines(tunnel_log))
+    assert f"target 127.0.0.1:{port} refused the connection; is the service running" in lines(tunnel_log, logging.WARNING)
+
+
+async def test_target_down_unix_socket(pki_dir, tmp_path, tunnel_log) -> None:
+    spec = server_spec(pki_dir, f"unix:{tmp_path}/missing.sock")
+    async with running(spec) as (srv,):
+        reader, writer = await securechan.open_connection("127.0.0.1", srv.port, config=pki_dir.client_config(),
+                                                          server_name="localhost")
+        with pytest.raises(ConnectionResetError):  # never a clean, empty stream
+            await reader.read()
+        writer.transport.abort()
+    assert f"target unix:{tmp_path}/missing.sock refused the connection" in lines(tunnel_log)
+
+
+async def test_target_slow_to_accept_hits_connect_timeout_with_retries(pki_dir, tunnel_log) -> None:
+    """A target whose accept queue is full never completes the TCP handshake."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    port = full.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):  # fill the accept queue; later SYNs are dropped
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            fillers.append(s)
+        await asyncio.sleep(0.1)
+        async with pair(pki_dir, f"127.0.0.1:{port}",
+                        server={"connect_timeout": 0.3, "connect_retries": 1, "retry_delay": 0.05}) as (srv, cli):
+            reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+            with pytest.raises(ConnectionResetError):
+                await reader.read()
+            writer.close()
+    finally:
+        for s in fillers:
+            s.close()
+        full.close()
+    assert f"target 127.0.0.1:{port} did not accept the connection within 0.3 s" in lines(tunnel_log)
+
+
+async def test_target_slow_to_answer_is_waited_for(pki_dir) -> None:
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readexactly(4)
+        await asyncio.sleep(0.5)
+        writer.write(request[::-1])
+        writer.close()
+
+    async with plain_target(slow) as port, pair(pki_dir, f"127.0.0.1:{port}") as (srv, cli):
+        reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+        writer.write(b"ping")
+        assert await reader.read() == b"gnip"
+        writer.close()
+
+
+async def test_idle_timeout_closes_a_silent_connection(pki_dir, tunnel_log) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    async with plain_target(silent) as port, pair(pki_dir, f"127.0.0.1:{port}", server={"idle_timeout": 0.3}) as (
+        srv, cli,
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+        writer.write(b"anyone?")
+        assert await reader.read() == b""  # closed cleanly: nothing was in flight
+        writer.close()
+        await until(lambda: srv.completed == 1)
+    assert "closed: idle for 0.3 s" in lines(tunnel_log)
+
+
+async def test_max_lifetime_cuts_a_busy_connection(pki_dir, tunnel_log) -> None:
+    async def chatty(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                writer.write(b"tick\n")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+        except ConnectionError:
+            writer.close()
+
+    async with plain_target(chatty) as port, pair(pki_dir, f"127.0.0.1:{port}", client={"max_lifetime": 0.4}) as (
+        srv, cli,
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+        with pytest.raises(ConnectionResetError):
+            while await reader.read(1024):
+                pass
+        writer.close()
+        await until(lambda: srv.completed == 1 and cli.completed == 1)
+    assert "maximum connection lifetime (0.4 s) reached" in lines(tunnel_log)
+
+
+async def test_handshake_timeout_drops_a_silent_peer(pki_dir, tunnel_log) -> None:
+    async with running(server_spec(pki_dir, f"127.0.0.1:{free_port()}", handshake_timeout=0.3)) as (srv,):
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)  # plain TCP, says nothing
+        await reader.read()  # the tunnel gives up: an alert, then EOF
+        assert reader.at_eof()
+        writer.close()
+        await until(lambda: srv.active == 0)
+    assert "did not complete within 0.3 s" in lines(tunnel_log, logging.WARNING)
+
+
+async def test_connection_limit_resets_the_excess(pki_dir, tunnel_log) -> None:
+    async with plain_target(echo_then_bye) as port, pair(pki_dir, f"127.0.0.1:{port}",
+                                                          client={"max_connections": 1}) as (srv, cli):
+        r1, w1 = await asyncio.open_connection("127.0.0.1", cli.port)
+        w1.write(b"one")
+        assert await r1.readexactly(3) == b"one"
+        r2, w2 = await asyncio.open_connection("127.0.0.1", cli.port)
+        with pytest.raises(ConnectionResetError):
+            await r2.read()
+        w2.close()
+        w1.write_eof()
+        assert await r1.read() == b"BYE"
+        w1.close()
+        await until(lambda: cli.active == 0)
+        r3, w3 = await asyncio.open_connection("127.0.0.1", cli.port)  # a slot is free again
+        w3.write_eof()
+        assert await r3.read() == b"BYE"
+        w3.close()
+    assert cli.rejected == 1
+    assert "connection limit (1) reached" in lines(tunnel_log, logging.WARNING)
+
+
+async def test_client_vanishing_mid_transfer_leaks_nothing(pki_dir) -> None:
+    target_done = asyncio.Event()
+
+    async def firehose(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        block = os.urandom(1 << 16)
+        try:
+            while True:
+                writer.write(block)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            target_done.set()
+
+    async with plain_target(firehose) as port, pair(pki_dir, f"127.0.0.1:{port}") as (srv, cli):
+        baseline_tasks = len(asyncio.all_tasks())
+        baseline_fds = open_fds()
+        for _ in range(3):
+            target_done.clear()
+            reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+            await reader.readexactly(1 << 20)  # mid-transfer ...
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()  # ... the client vanishes
+            await asyncio.wait_for(target_done.wait(), 10)
+        await until(lambda: srv.active == 0 and cli.active == 0 and not srv.relays and not cli.relays)
+        await until(lambda: len(asyncio.all_tasks()) <= baseline_tasks)
+        await until(lambda: open_fds() <= baseline_fds)
+        assert srv.completed == 3 and cli.completed == 3
+
+
+async def test_name_mismatch_error_names_the_option(pki_dir, tunnel_log) -> None:
+    async with plain_target(echo_then_bye) as port, pair(pki_dir, f"127.0.0.1:{port}",
+                                                          client={"server_name": "db"}) as (srv, cli):
+        reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+        with pytest.raises(ConnectionResetError):
+            await reader.read()
+        writer.close()
+        await until(lambda: cli.active == 0)
+    assert "the server certificate does not match --server-name 'db'" in lines(tunnel_log, logging.WARNING)
+    assert "certificate for 'localhost' is not valid for server name 'db'" in lines(tunnel_log, logging.WARNING)
+
+
+async def test_session_resumes_across_tunnel_connections(pki_dir, tunnel_log) -> None:
+    async with plain_target(echo_then_bye) as port, pair(pki_dir, f"127.0.0.1:{port}") as (srv, cli):
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+            writer.write_eof()
+            assert await reader.read() == b"BYE"
+            writer.close()
+            await until(lambda: cli.active == 0)
+    client_lines = [r.getMessage() for r in tunnel_log.records if "'cli'" in r.getMessage() and "up=" in r.getMessage()]
+    assert len(client_lines) == 2
+    assert " resumed " not in client_lines[0] and " resumed " in client_lines[1]
+
+
+async def test_unix_listeners_and_unix_target(pki_dir, tmp_path) -> None:
+    target_path = str(tmp_path / "svc.sock")
+    server = await asyncio.start_unix_server(echo_then_bye, target_path)
+    try:
+        async with running(server_spec(pki_dir, f"unix:{target_path}", listen=f"unix:{tmp_path}/in.sock")) as _, \
+                running(server_spec(pki_dir, "unix:/nonexistent", name="unused")) as _unused:
+            from tunnelkit import client_spec
+
+            spec = client_spec(pki_dir, f"unix:{tmp_path}/in.sock", listen=f"unix:{tmp_path}/plain.sock")
+            async with running(spec):
+                reader, writer = await asyncio.open_unix_connection(f"{tmp_path}/plain.sock")
+                writer.write(b"over unix")
+                writer.write_eof()
+                assert await reader.read() == b"over unixBYE"
+                writer.close()
+        assert not os.path.exists(f"{tmp_path}/in.sock")  # the listener removed its socket file
+    finally:
+        server.close()

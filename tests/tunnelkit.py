@@ -1,0 +1,90 @@
+"""Helpers for the tunnel tests: start tunnel pairs in-process, plain targets, free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from securechan.tunnel import Tunnel, TunnelSpec, parse_address
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def echo_then_bye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Echo until EOF, then send b'BYE' and close: the reply only exists after the half-close."""
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.write(b"BYE")
+    writer.write_eof()
+    await writer.drain()
+    writer.close()
+
+
+@contextlib.asynccontextmanager
+async def plain_target(handler: Handler) -> AsyncIterator[int]:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+def server_spec(pki: Any, target: str, **kw: Any) -> TunnelSpec:
+    kw.setdefault("listen", "127.0.0.1:0")
+    listen = parse_address(kw.pop("listen"))
+    return TunnelSpec(mode="server", listen=listen, target=parse_address(target), name=kw.pop("name", "srv"),
+                      cert=str(pki.server_cert), key=str(pki.server_key), **kw)
+
+
+def client_spec(pki: Any, target: str, **kw: Any) -> TunnelSpec:
+    kw.setdefault("listen", "127.0.0.1:0")
+    kw.setdefault("server_name", "localhost")
+    kw.setdefault("cafile", str(pki.ca_file))
+    listen = parse_address(kw.pop("listen"))
+    return TunnelSpec(mode="client", listen=listen, target=parse_address(target), name=kw.pop("name", "cli"), **kw)
+
+
+@contextlib.asynccontextmanager
+async def running(*specs: TunnelSpec) -> AsyncIterator[list[Tunnel]]:
+    tunnels = [Tunnel(spec) for spec in specs]
+    try:
+        for t in tunnels:
+            await t.start()
+        yield tunnels
+    finally:
+        for t in tunnels:
+            await t.close(2)
+
+
+@contextlib.asynccontextmanager
+async def pair(pki: Any, target: str, *, server: dict[str, Any] | None = None,
+               client: dict[str, Any] | None = None) -> AsyncIterator[tuple[Tunnel, Tunnel]]:
+    """A server tunnel in front of ``target`` and a client tunnel in front of that server tunnel."""
+    async with running(server_spec(pki, target, **(server or {}))) as (srv,):
+        async with running(client_spec(pki, f"127.0.0.1:{srv.port}", **(client or {}))) as (cli,):
+            yield srv, cli
+
+
+async def until(predicate: Callable[[], bool], limit: float = 10.0) -> None:
+    """Poll until ``predicate()``; fail the test with a clear message if it never holds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit
+    while not predicate():
+        if loop.time() > end:
+            raise AssertionError(f"condition not reached within {limit} s")
+        await asyncio.sleep(0.02)
