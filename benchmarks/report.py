@@ -32,7 +32,7 @@ def _row(figure: str, ours: Any, peer: str, theirs: Any, target: float | None, l
             row["target"] = target
             row["met"] = ratio <= target if lower_is_better else ratio >= target
     if absolute_limit is not None:
-        row["target"] = f"≤ {fmt_rate(absolute_limit, ours['unit'])}"
+        row["target"] = f"<= {fmt_rate(absolute_limit, ours['unit'])}"
         row["met"] = ours["median"] <= absolute_limit
     return row
 
@@ -71,6 +71,10 @@ def ratio_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
 
         rows.append(_row(f"RSS per idle connection ({mem['connections']}), server", per_conn("securechan"),
                          "asyncio+ssl", per_conn("ssl"), None, lower_is_better=True, absolute_limit=64 * 1024))
+        if "securechan_after_burst" in mem:
+            rows.append(_row(f"RSS per connection idle after bulk ({mem['connections']}), server",
+                             per_conn("securechan_after_burst"), "asyncio+ssl", per_conn("ssl"), None,
+                             lower_is_better=True, absolute_limit=64 * 1024))
     hs = r.get("handshakes")
     if hs and "securechan" in hs:
         for conc in hs["securechan"]:
@@ -94,21 +98,23 @@ def print_tables(console: Console, r: dict[str, Any], rows: list[dict[str, Any]]
     m = r["machine"]
     console.print(f"[bold]{m['cpu_model']}[/], {m['usable_cores']} cores, Python {m['python']}, "
                   f"{m['cryptography_openssl']}, pinned={r['pinned']}, mode={r['mode']}")
-    table = Table(title="securechan against each peer (median of runs, [min … max])")
+    table = Table(title="securechan against each peer (medians; min and max are in the JSON)")
     for col in ("figure", "securechan", "peer", "peer figure", "ratio", "target"):
         table.add_column(col)
     for row in rows:
         unit = row["unit"]
         ours = f"{fmt_rate(row['securechan'], unit)}"
         theirs = fmt_rate(row["peer_value"], unit) if "peer_value" in row else "—"
-        ratio = f"{row['ratio']:.2f}×" if "ratio" in row else "—"
+        ratio = f"{row['ratio']:.2f}x" if "ratio" in row else "—"
         target = row.get("target")
         if target is None:
             tgt = ""
         else:
             mark = "[green]met[/]" if row.get("met") else "[red]missed[/]"
-            tgt = f"{'≤ ' if 'latency' in row['figure'] and isinstance(target, float) else '≥ ' if isinstance(target, float) else ''}" \
-                  f"{target if isinstance(target, str) else f'{target:g}×'} {mark}"
+            if isinstance(target, str):
+                tgt = f"{target} {mark}"
+            else:
+                tgt = f"{'<=' if 'latency' in row['figure'] else '>='} {target:g}x {mark}"
         table.add_row(row["figure"], ours, row["peer"], theirs, ratio, tgt)
     console.print(table)
     notes = dict(_get(r, "tunnel", "notes") or {})

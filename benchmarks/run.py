@@ -147,6 +147,12 @@ class Runner:
                                                    port=srv["ports"][kind], server_pid=srv["pid"],
                                                    connections=self.plan.idle_connections))
             self.step()
+        self.note(f"memory: {self.plan.idle_connections} securechan connections idle after a 256 KiB upload each")
+        with procs.server(self.base(loop="asyncio", kinds=["securechan"])) as srv:
+            out["securechan_after_burst"] = procs.client(self.base(
+                task="memory", loop="asyncio", kind="securechan", port=srv["ports"]["securechan"],
+                server_pid=srv["pid"], connections=self.plan.idle_connections, burst=256 * KiB))
+        self.step()
         return out
 
     def handshakes(self) -> Any:
@@ -174,7 +180,7 @@ class Runner:
 
 def steps(plan: Plan, sections: list[str]) -> int:
     per = {"cipher": len(plan.cipher_sizes) * len(plan.cipher_suites), "bulk": 2 * len(plan.loops),
-           "record_size": len(plan.record_sizes), "latency": len(plan.loops), "many": 1, "memory": 3,
+           "record_size": len(plan.record_sizes), "latency": len(plan.loops), "many": 1, "memory": 4,
            "handshakes": 1, "tunnel": 1}
     return sum(per[s] for s in sections)
 
@@ -188,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     console = Console()
     results: dict[str, Any] = {
-        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "mode": "tiny" if args.tiny else "quick" if args.quick else "full",
         "machine": machine.describe(),
         "pinned": procs.pinning_possible(),
@@ -213,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         progress.update(task, description="done")
     results["elapsed_s"] = round(time.monotonic() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     path = args.out / f"bench-{results['mode']}-{stamp}.json"
     rows = report.ratio_rows(results)
     results["ratios"] = rows

@@ -146,10 +146,12 @@ def securechan_tunnel(target: int, pki: BenchPKI, work: Path) -> Iterator[int]:
     sc = [sys.executable, "-m", "securechan"]
     procs = Procs()
     try:
-        procs.start(sc + ["server", "--listen", f"127.0.0.1:{mid}", "--target", f"127.0.0.1:{target}",
-                          "--cert", str(pki.cert), "--key", str(pki.key)], SERVER_CPU, cwd=ROOT)
-        procs.start(sc + ["client", "--listen", f"127.0.0.1:{front}", "--target", f"127.0.0.1:{mid}",
-                          "--cafile", str(pki.ca), "--server-name", "127.0.0.1"], CLIENT_CPU, cwd=ROOT)
+        server_argv = [*sc, "server", "--listen", f"127.0.0.1:{mid}", "--target", f"127.0.0.1:{target}",
+                       "--cert", str(pki.cert), "--key", str(pki.key)]
+        client_argv = [*sc, "client", "--listen", f"127.0.0.1:{front}", "--target", f"127.0.0.1:{mid}",
+                       "--cafile", str(pki.ca), "--server-name", "127.0.0.1"]
+        procs.start(server_argv, SERVER_CPU, cwd=ROOT)
+        procs.start(client_argv, CLIENT_CPU, cwd=ROOT)
         wait_port(mid)
         wait_port(front)
         yield front

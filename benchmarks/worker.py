@@ -191,8 +191,11 @@ async def memory(spec: dict[str, Any], c: Contenders) -> dict[str, Any]:
     for start in range(0, n, 50):
         batch = await asyncio.gather(*(_open(c, kind, port) for _ in range(min(50, n - start))))
         await asyncio.gather(*(p.idle() for p in batch))
+        if spec.get("burst"):
+            # Bulk first, then idle: the receive buffers grow, and must be given back once idle.
+            await asyncio.gather(*(p.upload(spec["burst"]) for p in batch))
         conns.extend(batch)
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(2.5 if spec.get("burst") else 1.0)
     gc.collect()
     server_after, client_after = rss_bytes(server_pid), rss_bytes()
     for p in conns:

@@ -193,7 +193,13 @@ def _utcnow() -> datetime.datetime:
 
 def parse_chain(chain_der: Sequence[bytes], who: str) -> list[x509.Certificate]:
     try:
-        return [x509.load_der_x509_certificate(der) for der in chain_der]
+        chain = [x509.load_der_x509_certificate(der) for der in chain_der]
+        for cert in chain:
+            # Fields are parsed lazily; touch those verification and its diagnostics read, so a
+            # damaged name or extension is refused here rather than escaping later as ValueError.
+            _ = (cert.subject.rfc4514_string(), cert.issuer.rfc4514_string(), cert.extensions,
+                 cert.not_valid_before_utc, cert.not_valid_after_utc)
+        return chain
     except ValueError:
         raise CertificateError(f"the {who} sent a certificate that is not valid DER X.509") from None
 

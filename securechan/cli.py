@@ -20,7 +20,12 @@ def run_async(coro_factory: object) -> int:
 
 
 #: Modules that provide subcommands through ``register(subparsers)``.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("securechan.demo", "securechan.pkicli", "securechan.tunnel.cli", "securechan.ticketcli")
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "securechan.demo",
+    "securechan.pkicli",
+    "securechan.tunnel.cli",
+    "securechan.ticketcli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

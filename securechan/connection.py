@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import enum
 import logging
+import mmap
 import os
+import struct
 import time
 from collections.abc import Callable, Hashable
 
@@ -80,6 +82,7 @@ _MIN_FREE = 4096
 #: A peer must update its key before it sends this much under one key (hard ceiling).
 _RECV_LIMIT_RECORDS = 2**25
 _RECV_LIMIT_BYTES = 2**36
+_HEAD = struct.Struct(">BBBI")
 _ALERT_BODY = 64
 
 
@@ -150,7 +153,7 @@ class Connection:
         self._clock = clock
         self._update_at: float | None = None  # clock reading when the sending key is due for an update
         self._out: list[bytes | bytearray] = []
-        self._buf = bytearray(_SMALL_BUFFER)
+        self._buf: bytearray | mmap.mmap = bytearray(_SMALL_BUFFER)
         self._start = 0
         self._end = 0
         self._need = 0  # size of the frame being assembled, once its head is validated
@@ -305,12 +308,25 @@ class Connection:
         bulk = len(buf) > _SMALL_BUFFER or self._need > _SMALL_BUFFER
         size = max(pending + _MIN_FREE, self._need + _MIN_FREE, _READ_CHUNK if bulk else _SMALL_BUFFER)
         if size <= len(buf):
-            buf[:pending] = buf[start:end]
+            # Non-overlapping regions move straight from a view; overlapping ones via a temporary copy.
+            buf[:pending] = memoryview(buf)[start:end] if pending <= start else buf[start:end]
         else:
-            new = bytearray(size)
+            # A grown buffer is its own anonymous mapping, so releasing it returns the memory
+            # to the OS at once (a heap block would stay in the process after a burst).
+            new = mmap.mmap(-1, size)
             new[:pending] = memoryview(buf)[start:end]
             self._buf = new
         self._start, self._end = 0, pending
+
+    @property
+    def holds_large_buffer(self) -> bool:
+        return len(self._buf) > _SMALL_BUFFER
+
+    def release_buffer(self) -> None:
+        """Shrink the receive buffer to its small size if it holds no pending bytes (idle connection)."""
+        if self._start == self._end and len(self._buf) > _SMALL_BUFFER:
+            self._start = self._end = 0
+            self._buf = bytearray(_SMALL_BUFFER)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed bytes from the transport; returns the events they complete."""
@@ -366,15 +382,18 @@ class Connection:
                 avail = self._end - pos
                 if avail < HEADER_LEN:
                     break
-                head = bytes(buf[pos : pos + HEADER_LEN])
-                ftype, length = parse_header(head, self._recv_limits)
+                marker, ftype, binmark, length = _HEAD.unpack_from(buf, pos)
+                # Fast path for the common case; anything else gets parse_header's checks and messages.
+                if ftype != 3 or marker != 0x92 or binmark != 0xC6 or length > self._recv_limits.get(3, -1):
+                    ftype, length = parse_header(buf[pos : pos + HEADER_LEN], self._recv_limits)
                 end = pos + HEADER_LEN + length
                 if end > self._end:
                     self._need = end - pos
                     break
                 self._need = 0
+                head = bytes(buf[pos : pos + HEADER_LEN])
                 body = memoryview(buf)[pos + HEADER_LEN : end]
-                if ftype is FrameType.APPLICATION_DATA:
+                if ftype == FrameType.APPLICATION_DATA:
                     data = self._open(head, body)
                     if data:
                         events.append(DataReceived(data))
@@ -389,10 +408,9 @@ class Connection:
             self._error_raised = True
             raise
         if self._start == self._end:
+            # Keep a grown buffer while traffic flows (reallocating it per read cost more than the
+            # cipher, benchmarks/README.md); the I/O layer calls release_buffer() once idle.
             self._start = self._end = 0
-            if len(self._buf) > _SMALL_BUFFER and nbytes < len(self._buf) // 2:
-                # Idle between bursts: give the large buffer back so idle connections stay small.
-                self._buf = bytearray(_SMALL_BUFFER)
         return events
 
     def _open(self, head: bytes, body: memoryview) -> bytes:
@@ -402,7 +420,7 @@ class Connection:
             raise DecodeError("protected record shorter than its tag")
         if opener.seq >= _RECV_LIMIT_RECORDS or opener.bytes >= _RECV_LIMIT_BYTES:
             raise ProtocolError("the peer exceeded the per-key usage limit without a key update")
-        return bytes(opener.open(head, body))
+        return opener.open(head, body)
 
     def _dispatch(self, ftype: FrameType, head: bytes, body: memoryview, events: list[Event]) -> None:
         if ftype is FrameType.HANDSHAKE:
@@ -412,7 +430,9 @@ class Connection:
         else:  # FrameType.ALERT: plaintext, unauthenticated, always fatal
             alert = Alert.decode(unpack_map(body, _ALERT_BODY))
             if alert.code == AlertCode.CLOSE_NOTIFY:
-                raise UnexpectedMessageError("peer sent close_notify in plaintext; only a protected close_notify ends a stream")
+                raise UnexpectedMessageError(
+                    "peer sent close_notify in plaintext; only a protected close_notify ends a stream"
+                )
             self._fail_silently()
             raise error_from_alert(alert.code, authenticated=False)
 
@@ -457,6 +477,7 @@ class Connection:
     def _complete(self, events: list[Event]) -> None:
         assert self.session is not None
         self._handshake_done = True
+        send_ticket = isinstance(self._hs, ServerHandshake) and self._hs.client_accepts_tickets
         self._hs = None
         self.state = State.CONNECTED
         self._recv_limits = {
@@ -466,14 +487,14 @@ class Connection:
         }
         events.append(HandshakeComplete(self.session))
         if self.role is Role.SERVER:
-            self._after_server_handshake()
+            self._after_server_handshake(send_ticket)
 
     def _schedule_time_update(self) -> None:
         interval = self.config.key_update_interval
         self._update_at = None if interval is None else self._clock() + interval
 
-    def _after_server_handshake(self) -> None:
-        """Count the handshake and send a session ticket (docs/PROTOCOL.md, "Resumption")."""
+    def _after_server_handshake(self, send_ticket: bool) -> None:
+        """Count the handshake; send a session ticket if the client keeps them (docs/PROTOCOL.md, "Resumption")."""
         config, session = self.config, self.session
         assert isinstance(config, ServerConfig) and session is not None and self._sealer is not None
         tickets = config._tickets
@@ -481,6 +502,8 @@ class Connection:
         if tickets is None:
             return
         tickets.count_handshake(session.resumed)
+        if not send_ticket:
+            return
         nonce = self._entropy(16)
         ticket = tickets.seal(TicketContents(
             psk=ticket_psk(secret, nonce),

@@ -159,6 +159,7 @@ class ClientHandshake:
             x25519=_x25519_public(self._x25519),
             max_record=self.config.max_record_size,
             server_name=name,
+            accept_tickets=self.config.resume,
         )
         self._offer = self._cached_session()
         if self._offer is not None:
@@ -348,6 +349,7 @@ class ServerHandshake:
         self._transcript = Transcript()
         self._expect: type = ClientHello
         self.server_name: str | None = None
+        self.client_accepts_tickets = False
         self._client_auth: tuple[int, ...] = ()
         #: Set when the ClientHello's ticket was accepted (resumed handshake).
         self._resumption: Resumption | None = None
@@ -409,14 +411,15 @@ class ServerHandshake:
         if int(KeyWrap.RSA_OAEP_SHA256) not in ch.key_wraps:
             raise NoCommonSuiteError("client offered no key-wrap method this server supports (RSA-OAEP-SHA256)")
         self.server_name = ch.server_name
+        self.client_accepts_tickets = ch.accept_tickets
         self._client_auth = SUPPORTED_SCHEMES if cfg.requires_client_certificate else ()
         self._client_max_record = ch.max_record
         self._x25519 = x25519.X25519PrivateKey.from_private_bytes(self._entropy(32))
         self._dhe = _dh(self._x25519, ch.x25519)
         ticket_status = TicketStatus.ACCEPTED
         if ch.ticket is not None:
-            both = tuple(v for v in cfg.versions if v in ch.versions)
-            resumption, ticket_status = server_verdict(cfg, ch, hello_frame, both)
+            # Only the version this handshake negotiates: a ticket never resumes into an older version.
+            resumption, ticket_status = server_verdict(cfg, ch, hello_frame, (version,))
             if resumption is not None:
                 return self._resume(resumption)
         sh = ServerHello(

@@ -85,6 +85,8 @@ class ClientHello:
     x25519: bytes
     max_record: int
     server_name: str | None = None
+    #: The client keeps session tickets: the server may send new_ticket (see docs/PROTOCOL.md).
+    accept_tickets: bool = False
     #: Opaque session ticket for resumption (see docs/PROTOCOL.md).
     ticket: bytes | None = None
     #: HMAC proving the client holds the ticket's PSK; present exactly when ``ticket`` is.
@@ -104,6 +106,8 @@ class ClientHello:
         }
         if self.server_name is not None:
             m["server_name"] = self.server_name
+        if self.accept_tickets:
+            m["tickets"] = True
         if self.ticket is not None:
             m["ticket"] = self.ticket
         if self.binder is not None:
@@ -123,6 +127,7 @@ class ClientHello:
             x25519=_bin(m, "x25519", 32, 32),
             max_record=_int(m, "max_record", MIN_RECORD_SIZE, MAX_RECORD_SIZE),
             server_name=name,
+            accept_tickets=_get(m, "tickets", bool, required=False) or False,
             ticket=_bin(m, "ticket", 1, MAX_TICKET_LEN, required=False),
             binder=_binder(m),
         )

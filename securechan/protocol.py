@@ -37,6 +37,9 @@ from .events import DataReceived, HandshakeComplete, KeysUpdated, PeerClosed, Se
 
 log = logging.getLogger("securechan")
 
+#: Seconds without a read after which a connection's grown receive buffer is released.
+IDLE_RELEASE_SECONDS = 1.0
+
 
 class SecureProtocol(asyncio.BufferedProtocol):
     def __init__(
@@ -58,6 +61,9 @@ class SecureProtocol(asyncio.BufferedProtocol):
         self._app_paused_writing = False
         self._peer: Any = None
         self.on_handshake_failed: Callable[[SecureProtocol, BaseException], None] | None = None
+        self._reads = 0
+        self._reads_at_arm = 0
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.BaseProtocol -------------------------------------------------------------
 
@@ -84,6 +90,22 @@ class SecureProtocol(asyncio.BufferedProtocol):
         self._handle(events)
         if self._conn.error is not None:
             self._fatal(self._conn.error)
+            return
+        self._reads += 1
+        if self._idle_timer is None and self._tcp is not None and self._conn.holds_large_buffer:
+            self._arm_idle_release()
+
+    def _arm_idle_release(self) -> None:
+        self._reads_at_arm = self._reads
+        self._idle_timer = asyncio.get_running_loop().call_later(IDLE_RELEASE_SECONDS, self._release_if_idle)
+
+    def _release_if_idle(self) -> None:
+        """Give the bulk receive buffer back once reads have stopped, so idle connections stay small."""
+        self._idle_timer = None
+        if self._reads != self._reads_at_arm:
+            self._arm_idle_release()
+        else:
+            self._conn.release_buffer()
 
     def _handle(self, events: list[Any]) -> None:
         app = self.app_protocol
@@ -120,6 +142,9 @@ class SecureProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         error = self._error or exc
         if self._waiter is not None and not self._waiter.done():
             if error is None:
@@ -199,8 +224,10 @@ class SecureProtocol(asyncio.BufferedProtocol):
 
     def _app_write(self, data: bytes | bytearray | memoryview) -> None:
         tcp = self._tcp
-        if tcp is None or self._error is not None:
-            return  # the connection is gone; drain()/read() report why
+        if tcp is None or self._error is not None or self._conn.error is not None:
+            # The connection is gone (or failed after the records being delivered now);
+            # as with asyncio transports, drop the write: drain()/read() report why.
+            return
         tcp.write(self._conn.seal(data))
 
     def _app_write_eof(self) -> None:

@@ -85,11 +85,12 @@ class Sealer(_Direction):
 class Opener(_Direction):
     """Authenticates and decrypts incoming records. Nothing is returned unless the tag verifies."""
 
-    def open(self, head: bytes | memoryview, body: memoryview) -> bytearray:
-        out = bytearray(len(body) - TAG_LEN)
+    def open(self, head: bytes | memoryview, body: memoryview) -> bytes:
+        # ``decrypt`` allocates the plaintext itself and returns it only once the tag verified;
+        # the fresh bytes object goes to the application as is (no zeroed buffer, no second copy).
         nonce = self._next_nonce()
         try:
-            self._aead.decrypt_into(nonce, body, head, out)  # type: ignore[union-attr]
+            out = self._aead.decrypt(nonce, body, head)  # type: ignore[union-attr]
         except InvalidTag:
             raise BadRecordMACError(
                 "a record failed authentication (tampered, reordered, replayed or injected); "

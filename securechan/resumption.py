@@ -79,8 +79,9 @@ def server_verdict(
 ) -> tuple[Resumption | None, TicketStatus]:
     """Decide whether the ClientHello's ticket resumes a session. Never raises for a bad ticket.
 
-    ``versions`` are the versions both sides speak; a resumed session keeps the ticket's
-    version and suite, which must still be acceptable to both sides.
+    ``versions`` are the versions the ticket may have (the server passes only the version
+    this handshake negotiates); a resumed session keeps the ticket's version and suite,
+    which must still be acceptable to both sides.
     """
     assert ch.ticket is not None and ch.binder is not None
     tickets = config._tickets
@@ -108,7 +109,7 @@ def _mismatch(config: ServerConfig, ch: ClientHello, t: TicketContents, versions
     if t.server_name != ch.server_name:
         return "the ticket was issued for another server name"
     if t.version not in versions:
-        return f"the ticket's protocol version {t.version} is no longer offered by both sides"
+        return f"the ticket's protocol version {t.version} is not the version negotiated now"
     if t.suite not in ch.suites or t.suite not in {int(s) for s in config.suites}:
         return "the ticket's suite is no longer allowed by both sides"
     return None

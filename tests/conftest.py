@@ -106,4 +106,4 @@ async def serve() -> AsyncIterator[Callable[..., Awaitable[tuple[asyncio.Server,
 
 
 def utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)

@@ -18,7 +18,9 @@ async def read_frame(reader: asyncio.StreamReader) -> bytes:
     return head + await reader.readexactly(int.from_bytes(head[3:7], "big"))
 
 
-async def pump_handshake(conn: securechan.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> list[securechan.Event]:
+async def pump_handshake(
+    conn: securechan.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> list[securechan.Event]:
     """Run the handshake of ``conn`` over the streams; return the events seen (ends at HandshakeComplete)."""
     events: list[securechan.Event] = []
     while not conn.handshake_complete:
@@ -34,7 +36,9 @@ async def pump_handshake(conn: securechan.Connection, reader: asyncio.StreamRead
     return events
 
 
-async def raw_server(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]) -> tuple[asyncio.Server, int]:
+async def raw_server(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> tuple[asyncio.Server, int]:
     server = await asyncio.start_server(handler, "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1]
 

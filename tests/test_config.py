@@ -110,7 +110,11 @@ def test_bad_common_settings(pki_dir, kw: dict, message: str) -> None:
 
 def test_suite_names_are_flexible(pki_dir) -> None:
     cfg = pki_dir.client_config(suites=["chacha20-poly1305", 2, securechan.Suite.AES_256_GCM])
-    assert cfg.suites == (securechan.Suite.CHACHA20_POLY1305, securechan.Suite.AES_128_GCM, securechan.Suite.AES_256_GCM)
+    assert cfg.suites == (
+        securechan.Suite.CHACHA20_POLY1305,
+        securechan.Suite.AES_128_GCM,
+        securechan.Suite.AES_256_GCM,
+    )
 
 
 def test_wrong_config_role(pki_dir) -> None:

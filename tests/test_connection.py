@@ -91,8 +91,9 @@ def test_message_out_of_order(server_config, client_config) -> None:
 
 def test_low_order_x25519_share_refused(server_config) -> None:
     server = securechan.Connection(server_config)
-    hello = ClientHello(versions=(1,), random=os.urandom(32), suites=(1,), key_wraps=(1,), x25519=b"\x00" * 32,
-                        max_record=65536)
+    hello = ClientHello(
+        versions=(1,), random=os.urandom(32), suites=(1,), key_wraps=(1,), x25519=b"\x00" * 32, max_record=65536
+    )
     with pytest.raises(securechan.IllegalParameterError, match="low-order"):
         server.receive_data(encode_frame(FrameType.HANDSHAKE, pack_map(hello.encode())))
     assert alert_code(server.data_to_send()) == securechan.AlertCode.ILLEGAL_PARAMETER
@@ -203,3 +204,22 @@ def test_secrets_wiped_on_close(server_config, client_config) -> None:
 def test_rejects_wrong_config_type() -> None:
     with pytest.raises(TypeError):
         securechan.Connection(object())  # type: ignore[arg-type]
+
+
+def test_tickets_only_for_clients_that_keep_them(server_config, pki_dir) -> None:
+    """A client with resume=False does not say `tickets: true`, so the server sends no new_ticket."""
+    from securechan.messages import ClientHello as CH
+
+    for resume, expect_ticket in ((True, True), (False, False)):
+        client, server = pair(server_config, pki_dir.client_config(resume=resume))
+        hello = client.data_to_send()
+        assert CH.decode(unpack_map(hello[HEADER_LEN:], 1 << 16)).accept_tickets is resume
+        server.receive_data(hello)
+        client.receive_data(server.data_to_send())
+        server.receive_data(client.data_to_send())
+        after_finished = server.data_to_send()
+        # the server's Finished frame, then (only when asked) one protected CONTROL record
+        finished_len = HEADER_LEN + int.from_bytes(after_finished[3:7], "big")
+        assert (len(after_finished) > finished_len) is expect_ticket
+        client.receive_data(after_finished)
+        assert (len(pki_dir.client_config().session_cache) == 0)  # a fresh config starts cold

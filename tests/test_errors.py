@@ -23,7 +23,9 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
     writer.close()
 
 
-async def expect_client_error(port: int, config: securechan.ClientConfig, exc_type: type, **kw: object) -> BaseException:
+async def expect_client_error(
+    port: int, config: securechan.ClientConfig, exc_type: type, **kw: object
+) -> BaseException:
     with pytest.raises(exc_type) as info:
         await securechan.open_connection("127.0.0.1", port, config=config, **kw)
     return info.value
@@ -37,7 +39,9 @@ async def test_untrusted_ca(serve, server_config, tmp_path, caplog) -> None:
     (tmp_path / "other.crt").write_bytes(pki.cert_pem(other[0]))
     _, port = await serve(echo, server_config)
     with caplog.at_level(logging.INFO, logger="securechan"):
-        err = await expect_client_error(port, securechan.ClientConfig(cafile=tmp_path / "other.crt"), securechan.UnknownCAError)
+        err = await expect_client_error(
+            port, securechan.ClientConfig(cafile=tmp_path / "other.crt"), securechan.UnknownCAError
+        )
         await asyncio.sleep(0.1)
     assert err.reason == "unknown CA" and "does not chain to a CA trusted by" in str(err)
     assert "Test Root CA" in str(err) and "other.crt" in str(err)
@@ -46,15 +50,17 @@ async def test_untrusted_ca(serve, server_config, tmp_path, caplog) -> None:
 
 
 async def test_expired_certificate(serve, pki_dir) -> None:
-    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=30)
-    crt, key = pki_dir.issue("localhost", ips=["127.0.0.1"], not_before=past - datetime.timedelta(days=10), not_after=past)
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
+    crt, key = pki_dir.issue(
+        "localhost", ips=["127.0.0.1"], not_before=past - datetime.timedelta(days=10), not_after=past
+    )
     _, port = await serve(echo, securechan.ServerConfig(certfile=crt, keyfile=key))
     err = await expect_client_error(port, pki_dir.client_config(), securechan.CertificateExpiredError)
     assert "expired on" in str(err) and err.reason == "expired"
 
 
 async def test_not_yet_valid_certificate(serve, pki_dir) -> None:
-    future = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=3)
+    future = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=3)
     crt, key = pki_dir.issue("localhost", ips=["127.0.0.1"], not_before=future, days=30)
     _, port = await serve(echo, securechan.ServerConfig(certfile=crt, keyfile=key))
     err = await expect_client_error(port, pki_dir.client_config(), securechan.CertificateExpiredError)
@@ -68,7 +74,9 @@ async def test_wrong_name(serve, pki_dir) -> None:
     assert "certificate for 'db.internal' is not valid for server name 'db'" in str(err)
     assert err.reason == "name mismatch"
     # and the same certificate passes for the right name
-    reader, writer = await securechan.open_connection("127.0.0.1", port, config=pki_dir.client_config(), server_name="db.internal")
+    reader, writer = await securechan.open_connection(
+        "127.0.0.1", port, config=pki_dir.client_config(), server_name="db.internal"
+    )
     writer.close()
 
 
@@ -83,8 +91,15 @@ async def test_wrong_usage_client_certificate_presented_by_server(pki_dir, clien
 
     async def bad_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_frame(reader)
-        sh = ServerHello(version=1, random=os.urandom(32), suite=1, key_wrap=1, x25519=os.urandom(32),
-                         max_record=65536, certificates=(cert.public_bytes(Encoding.DER),))
+        sh = ServerHello(
+            version=1,
+            random=os.urandom(32),
+            suite=1,
+            key_wrap=1,
+            x25519=os.urandom(32),
+            max_record=65536,
+            certificates=(cert.public_bytes(Encoding.DER),),
+        )
         writer.write(encode_frame(FrameType.HANDSHAKE, pack_map(sh.encode())))
         await writer.drain()
         code.append(await read_alert(reader))
@@ -107,7 +122,8 @@ async def test_pin_mismatch_and_match(serve, pki_dir, server_config) -> None:
     right = format_pin(spki_sha256(server_config.certificate))
     # a list of pins (a backup pin and the real one) is accepted
     reader, writer = await securechan.open_connection(
-        "127.0.0.1", port, config=securechan.ClientConfig(pin=[wrong, right]))
+        "127.0.0.1", port, config=securechan.ClientConfig(pin=[wrong, right])
+    )
     writer.close()
 
 
@@ -131,7 +147,9 @@ async def test_intermediate_chain_and_missing_intermediate(serve, pki_dir, tmp_p
 async def test_no_common_suite(serve, pki_dir, caplog) -> None:
     _, port = await serve(echo, pki_dir.server_config(suites=["AES-256-GCM"]))
     with caplog.at_level(logging.WARNING, logger="securechan"):
-        err = await expect_client_error(port, pki_dir.client_config(suites=["CHACHA20-POLY1305"]), securechan.NoCommonSuiteError)
+        err = await expect_client_error(
+            port, pki_dir.client_config(suites=["CHACHA20-POLY1305"]), securechan.NoCommonSuiteError
+        )
         await asyncio.sleep(0.1)
     assert err.remote and "no cipher suite" in str(err)
     assert any("CHACHA20-POLY1305" in r.message and "AES-256-GCM" in r.message for r in caplog.records)
@@ -141,7 +159,9 @@ async def test_no_common_version_refused_cleanly(serve, server_config) -> None:
     """A client from the future that offers only version 2 gets a protocol_version alert."""
     _, port = await serve(echo, server_config)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    hello = ClientHello(versions=(2,), random=os.urandom(32), suites=(1,), key_wraps=(1,), x25519=os.urandom(32), max_record=65536)
+    hello = ClientHello(
+        versions=(2,), random=os.urandom(32), suites=(1,), key_wraps=(1,), x25519=os.urandom(32), max_record=65536
+    )
     writer.write(encode_frame(FrameType.HANDSHAKE, pack_map(hello.encode())))
     assert await read_alert(reader) == securechan.AlertCode.PROTOCOL_VERSION
     assert await reader.read() == b""  # and the server hung up
@@ -154,8 +174,15 @@ async def test_client_rejects_server_choosing_unoffered_version(server_config, c
 
     async def bad_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_frame(reader)
-        sh = ServerHello(version=9, random=os.urandom(32), suite=1, key_wrap=1, x25519=os.urandom(32),
-                         max_record=65536, certificates=server_config._chain_der)
+        sh = ServerHello(
+            version=9,
+            random=os.urandom(32),
+            suite=1,
+            key_wrap=1,
+            x25519=os.urandom(32),
+            max_record=65536,
+            certificates=server_config._chain_der,
+        )
         writer.write(encode_frame(FrameType.HANDSHAKE, pack_map(sh.encode())))
         await writer.drain()
         code.append(await read_alert(reader))

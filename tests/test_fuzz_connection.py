@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import securechan
 from securechan import Connection, DataReceived, HandshakeComplete, PeerClosed
-from securechan.frames import HEADER_LEN, MAX_RECORD_SIZE
+from securechan.frames import HEADER_LEN, MAX_RECORD_SIZE, unpack_map
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                          HealthCheck.function_scoped_fixture])
@@ -192,12 +192,6 @@ def test_random_frames_with_any_head(pki_dir, body: bytes, ftype: int, declared:
     assert delivered == b""
 
 
-@pytest.fixture(scope="module")
-def connected_flight(pki_dir) -> tuple[bytes, bytes]:  # type: ignore[no-untyped-def]
-    """Records a server sends after the handshake (data, key update, data, close_notify) and their plaintext."""
-    return b"", b""
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(mutations=st.lists(mutation, min_size=1, max_size=2), cuts=st.lists(st.integers(0, 9000), max_size=3))
@@ -219,4 +213,17 @@ def test_mutated_records_to_connected_client(pki_dir, mutations, cuts) -> None: 
     assert sent.startswith(delivered)
     if error is None:
         assert delivered == sent and isinstance(events[-1], PeerClosed)
-    assert HEADER_LEN == 7
+
+
+def test_damaged_issuer_name_is_a_certificate_error(pki_dir, transcript: Transcript) -> None:  # type: ignore[no-untyped-def]
+    """Found by the mutation fuzzer: a certificate whose issuer name does not parse (UTF8String tag
+    turned into tag 13) used to escape as ValueError from the diagnostics; it is a CertificateError."""
+    good = b"\x0c\x0cTest Root CA"
+    assert good in transcript.server_flight
+    damaged = transcript.server_flight.replace(good, b"\x0d\x0cTest Root CA", 1)
+    client = Connection(pki_dir.client_config(resume=False), server_name="localhost")
+    with pytest.raises(securechan.CertificateError, match=r"not valid DER X\.509"):
+        client.receive_data(damaged)
+    out = client.data_to_send()
+    alert = out[out.rindex(b"\x92\x02\xc6") :]  # the ClientHello, then the plaintext alert
+    assert unpack_map(alert[HEADER_LEN:], 64) == {"type": "alert", "code": securechan.AlertCode.BAD_CERTIFICATE}

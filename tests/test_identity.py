@@ -18,6 +18,7 @@ from securechan import pki
 from securechan.certs import format_pin, read_passphrase, spki_sha256
 from securechan.connection import State
 from securechan.reload import reload_on_signal
+from securechan.streams import server_config
 
 LOG = "securechan"
 
@@ -428,7 +429,9 @@ async def test_reload_under_traffic(serve, pki_dir) -> None:
     old_cert = old_writer.get_extra_info("peercert")
 
     crt, k, new_cert = second_server_identity(pki_dir)
-    securechan.reload_server(server, securechan.ServerConfig(certfile=crt, keyfile=k))
+    new_config = securechan.ServerConfig(certfile=crt, keyfile=k)
+    securechan.reload_server(server, new_config)
+    assert server_config(server) is new_config
 
     # The open connection keeps working, under its original session.
     for i in range(20):

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import securechan
 from securechan import pki
@@ -23,7 +25,7 @@ from securechan.frames import FrameType, pack_map
 from securechan.handshake import handshake_frame
 from securechan.messages import NewTicket, ServerHello
 from securechan.ticketcli import write_key_file
-from securechan.tickets import TicketStatus, new_key_secret, read_key_file
+from securechan.tickets import ServerTickets, TicketContents, TicketStatus, new_key_secret, read_key_file
 
 HOST = "127.0.0.1"
 
@@ -294,6 +296,31 @@ async def test_ticket_to_a_server_that_takes_none_falls_back(serve, pki_dir, bal
     assert client_cfg.session_stats.fallbacks == {"disabled": 1}
 
 
+async def test_ticket_for_a_suite_the_server_no_longer_allows_falls_back(serve, pki_dir, balancer, key_file) -> None:
+    a_cfg = pki_dir.server_config(ticket_key_file=key_file, suites=["AES-256-GCM"])
+    b_cfg = pki_dir.server_config(ticket_key_file=key_file, suites=["CHACHA20-POLY1305"])
+    _, a_port = await serve(echo, a_cfg)
+    _, b_port = await serve(echo, b_cfg)
+    lb = await balancer([a_port, b_port])
+    client_cfg = pki_dir.client_config()
+    await talk(lb.port, client_cfg)
+    info = await talk(lb.port, client_cfg)
+    assert not info.resumed and info.suite == "CHACHA20-POLY1305"
+    assert b_cfg.session_stats.fallbacks == {"mismatch": 1}
+
+
+async def test_ticket_for_another_server_name_falls_back(serve, pki_dir) -> None:
+    server_cfg = pki_dir.server_config()
+    client_cfg = pki_dir.client_config()
+    _, port = await serve(echo, server_cfg)
+    await talk(port, client_cfg, name="localhost")
+    session = client_cfg.session_cache.take((HOST, port, "localhost"))
+    assert session is not None
+    client_cfg.session_cache.restore((HOST, port, "127.0.0.1"), session)  # misfiled under another name
+    assert not (await talk(port, client_cfg, name="127.0.0.1")).resumed
+    assert server_cfg.session_stats.fallbacks == {"mismatch": 1}
+
+
 # -- tampering ------------------------------------------------------------------------------
 
 
@@ -515,6 +542,25 @@ def test_client_may_not_send_tickets(pki_dir) -> None:
     record = client._sealer.seal(FrameType.CONTROL, pack_map(bogus.encode()))
     with pytest.raises(UnexpectedMessageError, match="does not send session tickets"):
         server.receive_data(record)
+
+
+_FUZZ_TICKETS = ServerTickets(lifetime=60, rotation=3600)
+_GOOD_TICKET = _FUZZ_TICKETS.seal(TicketContents(psk=bytes(32), version=1, suite=1, server_name="x", client_chain=()))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_open_as_a_ticket(data: bytes) -> None:
+    assert _FUZZ_TICKETS.open(data) == (None, TicketStatus.INVALID)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=0), st.integers(min_value=1, max_value=255))
+def test_any_flipped_byte_invalidates_a_ticket(pos: int, mask: int) -> None:
+    assert _GOOD_TICKET is not None
+    t = bytearray(_GOOD_TICKET)
+    t[pos % len(t)] ^= mask
+    assert _FUZZ_TICKETS.open(bytes(t)) == (None, TicketStatus.INVALID)
 
 
 def test_ticket_status_codes_are_stable() -> None:

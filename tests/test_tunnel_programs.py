@@ -10,7 +10,6 @@ import sys
 from collections.abc import AsyncIterator
 
 import pytest
-
 from tunnelkit import free_port, pair, until
 
 pytestmark = pytest.mark.timeout(120)

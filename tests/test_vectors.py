@@ -45,7 +45,8 @@ def vector_server_config(tmp_path) -> securechan.ServerConfig:
     (tmp_path / "v.crt").write_bytes(cert_pem(cert))
     (tmp_path / "v.key").write_text(IN["server_key_pem"])
     os.chmod(tmp_path / "v.key", 0o600)
-    return securechan.ServerConfig(certfile=tmp_path / "v.crt", keyfile=tmp_path / "v.key")
+    # The vector covers the full handshake only: no session ticket after it.
+    return securechan.ServerConfig(certfile=tmp_path / "v.crt", keyfile=tmp_path / "v.key", tickets=False)
 
 
 def test_key_schedule_from_inputs() -> None:
@@ -63,7 +64,7 @@ def test_key_schedule_from_inputs() -> None:
 def test_client_hello_bytes(tmp_path) -> None:
     # The client never verifies anything before sending ClientHello, so a pin suffices here.
     client = securechan.Connection(
-        securechan.ClientConfig(pin="sha256:" + "00" * 32),
+        securechan.ClientConfig(pin="sha256:" + "00" * 32, resume=False),
         server_name="localhost",
         entropy=entropy_from(IN["client_x25519_private"], IN["client_random"]),
     )
@@ -77,8 +78,12 @@ def test_server_reproduces_the_transcript(vector_server_config) -> None:
     )
     assert server.receive_data(FR["client_hello"]) == []
     assert server.data_to_send() == FR["server_hello"]
-    events = server.receive_data(FR["key_exchange"] + FR["client_finished"] + REC["client_first_record"]
-                                 + REC["client_second_record_close_notify"])
+    events = server.receive_data(
+        FR["key_exchange"]
+        + FR["client_finished"]
+        + REC["client_first_record"]
+        + REC["client_second_record_close_notify"]
+    )
     assert server.data_to_send() == FR["server_finished"]
     assert isinstance(events[0], securechan.HandshakeComplete)
     assert events[1] == securechan.DataReceived(REC["client_first_record_plaintext"])
@@ -98,7 +103,9 @@ def test_records_open_with_recorded_keys() -> None:
     nonce1 = (int.from_bytes(KS["client_write_iv"], "big") ^ 1).to_bytes(12, "big")
     import msgpack
 
-    assert msgpack.unpackb(AESGCM(KS["client_write_key"]).decrypt(nonce1, close[7:], close[:7])) == {"type": "close_notify"}
+    assert msgpack.unpackb(AESGCM(KS["client_write_key"]).decrypt(nonce1, close[7:], close[:7])) == {
+        "type": "close_notify"
+    }
 
 
 def test_wrong_wrapped_key_fails_like_a_wrong_finished(vector_server_config) -> None:
@@ -106,8 +113,9 @@ def test_wrong_wrapped_key_fails_like_a_wrong_finished(vector_server_config) -> 
     from securechan.frames import HEADER_LEN, encode_frame, pack_map, unpack_map
 
     def run(kx: bytes, fin: bytes) -> tuple[type, bytes]:
-        server = securechan.Connection(vector_server_config, entropy=entropy_from(
-            IN["server_x25519_private"], IN["server_random"], os.urandom(32)))
+        server = securechan.Connection(
+            vector_server_config, entropy=entropy_from(IN["server_x25519_private"], IN["server_random"], os.urandom(32))
+        )
         server.receive_data(FR["client_hello"])
         server.data_to_send()
         assert server.receive_data(kx) == []  # no reaction to the key exchange itself

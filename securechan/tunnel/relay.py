@@ -16,9 +16,9 @@ until it ends too, so a client that shuts down its write side still gets the who
 Failures are never laundered into a clean EOF. A secure stream that ends without
 close_notify (``TruncationError``), fails authentication, or is reset makes the relay
 abort the plain side with an RST (``SO_LINGER`` 0), and a plain side that is reset makes
-the relay abort the secure side without close_notify, which the far tunnel reports as a
-truncation. An application on either end can therefore tell a complete stream from a
-cut one.
+the relay reset the secure side without close_notify, which the far end reports as a
+reset (a ``ConnectionResetError``; ``TruncationError`` is one too). An application on
+either end can therefore tell a complete stream from a cut one.
 
 Idle timeout, maximum lifetime and the shutdown deadline are enforced by the task that
 awaits the two pumps: idle closes both sides cleanly (nothing is in flight), the other
@@ -32,12 +32,22 @@ import contextlib
 import socket
 import struct
 from dataclasses import dataclass, field
+from typing import cast
 
 from ..errors import SecureChannelError, TruncationError
 
 CHUNK = 64 * 1024
 #: How long a finished relay waits for its write buffers to reach the peers before aborting.
 CLOSE_GRACE = 10.0
+
+
+def reset(transport: asyncio.BaseTransport) -> None:
+    """Close with an RST (``SO_LINGER`` 0) rather than a FIN; on securechan, also without close_notify."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    cast(asyncio.Transport, transport).abort()
 
 
 @dataclass
@@ -58,12 +68,7 @@ class Side:
 
     def abort(self) -> None:
         """Drop the connection: an RST on TCP, no close_notify on securechan."""
-        transport = self.writer.transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        transport.abort()
+        reset(self.writer.transport)
 
     def write_eof(self) -> None:
         transport = self.writer.transport

@@ -90,11 +90,12 @@ async def serve(
     log.info("ready: %d tunnel%s (pid %d)", len(tunnels), "" if len(tunnels) == 1 else "s", os.getpid())
     try:
         await stopping.wait()
+        for tunnel in tunnels:
+            tunnel.stop_accepting()
+        await asyncio.sleep(0)  # let the listening sockets close before saying so
         open_now = sum(t.active for t in tunnels)
         log.info("shutting down (%s): not accepting; %d connection%s open, waiting up to %g s",
                  why[0], open_now, "" if open_now == 1 else "s", drain_timeout)
-        for tunnel in tunnels:
-            tunnel.stop_accepting()
         cut = sum(await asyncio.gather(*(t.drain(drain_timeout) for t in tunnels)))
         for tunnel in tunnels:
             await tunnel.close(0)

@@ -26,9 +26,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import stat
-import struct
 from collections.abc import Coroutine
 from typing import Any, cast
 
@@ -48,6 +46,7 @@ from ..streams import open_connection, open_unix_connection
 from . import proxyproto
 from .addresses import Address, connect
 from .relay import CHUNK, Relay, Side
+from .relay import reset as _reset
 from .spec import TunnelSpec
 
 log = logging.getLogger("securechan.tunnel")
@@ -58,15 +57,6 @@ def _peer_text(peer: Any) -> str:
         host = str(peer[0])
         return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
     return f"unix:{peer}" if peer else "unix peer"
-
-
-def _reset(base: asyncio.BaseTransport) -> None:
-    transport = cast(asyncio.Transport, base)
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
 
 
 class _CountedProtocol(SecureProtocol):
@@ -139,8 +129,9 @@ class Tunnel:
             hint = {98: "another process is listening there; stop it or choose another port",
                     13: "this user may not bind there; use a port above 1023 or grant CAP_NET_BIND_SERVICE",
                     99: "that address is not configured on this machine"}.get(exc.errno or 0, "")
-            raise ListenError(f"tunnel {spec.title!r} cannot listen on {spec.listen}: "
-                              f"{exc.strerror or exc}" + (f"; {hint}" if hint else "")) from None
+            what = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ListenError(f"tunnel {spec.title!r} cannot listen on {spec.listen}: {what}"
+                              + (f"; {hint}" if hint else "")) from None
         log.info("tunnel %r: %s on %s -> %s %s (max %d connections%s)", spec.title,
                  "securechan in" if spec.mode == "server" else "plain in", ", ".join(self.addresses),
                  "plain" if spec.mode == "server" else "securechan", spec.target, spec.max_connections,

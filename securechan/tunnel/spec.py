@@ -55,7 +55,7 @@ class TunnelSpec:
 
     @property
     def title(self) -> str:
-        return self.name or f"{self.mode} {self.listen}"
+        return self.name or self.mode
 
     def check(self) -> None:
         """Raise ConfigError naming the option when the combination cannot work."""

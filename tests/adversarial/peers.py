@@ -76,6 +76,8 @@ class RecordingServer:
     server: asyncio.Server
     apps: list[Recorder] = field(default_factory=list)
     handshake_failures: list[securechan.SecureChannelError | BaseException] = field(default_factory=list)
+    #: TCP connections accepted so far (handshaken or not).
+    accepted: int = 0
     failure_event: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def next_failure(self, after: int = 0, timeout: float = 10.0) -> BaseException:
@@ -116,6 +118,7 @@ async def start_server(
         holder[0].failure_event.set()
 
     def factory() -> securechan.SecureProtocol:
+        holder[0].accepted += 1
         proto = securechan.SecureProtocol(securechan.Connection(config), make_app, None, handshake_timeout)
         proto.on_handshake_failed = failed
         return proto

@@ -189,6 +189,9 @@ async def test_record_from_another_connection(recording_server, client_config, m
     """Record K of connection 0 (same key schedule position, same length) spliced into connection 1."""
     proxy, port = await mitm(recording_server.port)
     first = await upload(port, client_config)
+    await asyncio.wait_for(first.eof_event.wait(), 10)
+    assert first.clean_eof and bytes(first.data) == SENT
+    first.transport.close()  # type: ignore[union-attr]
     assert await first.ended() is None
     donor = proxy.flows[0].of_type(Direction.C2S, FrameType.APPLICATION_DATA)[K]
     proxy.attack = OnRecords(lambda f, n, fr: [donor] if n == K else [fr], only_flow=1)

@@ -44,8 +44,10 @@ def fixed(label: str) -> bytes:
 
 
 def x25519_pub(private: bytes) -> bytes:
-    return x25519.X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    return (
+        x25519.X25519PrivateKey.from_private_bytes(private)
+        .public_key()
+        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     )
 
 
@@ -55,8 +57,12 @@ def main() -> None:
         key = serialization.load_pem_private_key(old["inputs"]["server_key_pem"].encode(), None)
         cert_der = bytes.fromhex(old["inputs"]["server_certificate_der"])
     else:
-        ca = pki.make_ca("Vector CA", not_before=datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc), days=36500)
-        cert, key = pki.issue_cert(ca, "localhost", not_before=datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc), days=36500)
+        ca = pki.make_ca(
+            "Vector CA", not_before=datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC), days=36500
+        )
+        cert, key = pki.issue_cert(
+            ca, "localhost", not_before=datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC), days=36500
+        )
         cert_der = cert.public_bytes(serialization.Encoding.DER)
     inputs = {
         "client_random": fixed("client random"),
@@ -65,18 +71,37 @@ def main() -> None:
         "server_random": fixed("server random"),
         "server_x25519_private": fixed("server x25519"),
     }
-    ch = ClientHello(versions=(1,), random=inputs["client_random"], suites=(1, 2, 3), key_wraps=(1,),
-                     x25519=x25519_pub(inputs["client_x25519_private"]), max_record=65536, server_name="localhost")
-    sh = ServerHello(version=1, random=inputs["server_random"], suite=1, key_wrap=1,
-                     x25519=x25519_pub(inputs["server_x25519_private"]), max_record=65536, certificates=(cert_der,))
-    wrapped = bytes.fromhex(old["inputs"]["wrapped_key"]) if old else key.public_key().encrypt(inputs["wrap_secret"], OAEP)  # type: ignore[union-attr]
+    ch = ClientHello(
+        versions=(1,),
+        random=inputs["client_random"],
+        suites=(1, 2, 3),
+        key_wraps=(1,),
+        x25519=x25519_pub(inputs["client_x25519_private"]),
+        max_record=65536,
+        server_name="localhost",
+    )
+    sh = ServerHello(
+        version=1,
+        random=inputs["server_random"],
+        suite=1,
+        key_wrap=1,
+        x25519=x25519_pub(inputs["server_x25519_private"]),
+        max_record=65536,
+        certificates=(cert_der,),
+    )
+    wrapped = (
+        bytes.fromhex(old["inputs"]["wrapped_key"]) if old else key.public_key().encrypt(inputs["wrap_secret"], OAEP)
+    )  # type: ignore[union-attr]
     ch_f, sh_f, kx_f = handshake_frame(ch), handshake_frame(sh), handshake_frame(KeyExchange(wrapped_key=wrapped))
     dhe = x25519.X25519PrivateKey.from_private_bytes(inputs["client_x25519_private"]).exchange(
-        x25519.X25519PublicKey.from_public_bytes(x25519_pub(inputs["server_x25519_private"])))
+        x25519.X25519PublicKey.from_public_bytes(x25519_pub(inputs["server_x25519_private"]))
+    )
     th1 = hashlib.sha256(ch_f + sh_f + kx_f).digest()
     hs = extract(SALT_V1, inputs["wrap_secret"] + dhe)
-    secrets = {label: expand_label(hs, label.encode(), th1, 32)
-               for label in ("c finished", "s finished", "c ap traffic", "s ap traffic", "exporter", "resumption")}
+    secrets = {
+        label: expand_label(hs, label.encode(), th1, 32)
+        for label in ("c finished", "s finished", "c ap traffic", "s ap traffic", "exporter", "resumption")
+    }
     cf_f = handshake_frame(Finished(mac=finished_mac(secrets["c finished"], th1)))
     th2 = hashlib.sha256(ch_f + sh_f + kx_f + cf_f).digest()
     sf_f = handshake_frame(Finished(mac=finished_mac(secrets["s finished"], th2)))
@@ -91,14 +116,20 @@ def main() -> None:
         "description": "securechan v1 full handshake, suite AES-256-GCM, server name 'localhost'",
         "inputs": {
             **{k: v.hex() for k, v in inputs.items()},
-            "server_key_pem": key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,  # type: ignore[union-attr]
-                                                serialization.NoEncryption()).decode(),
+            "server_key_pem": key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,  # type: ignore[union-attr]
+                serialization.NoEncryption(),
+            ).decode(),
             "server_certificate_der": cert_der.hex(),
             "wrapped_key": wrapped.hex(),
         },
         "frames": {
-            "client_hello": ch_f.hex(), "server_hello": sh_f.hex(), "key_exchange": kx_f.hex(),
-            "client_finished": cf_f.hex(), "server_finished": sf_f.hex(),
+            "client_hello": ch_f.hex(),
+            "server_hello": sh_f.hex(),
+            "key_exchange": kx_f.hex(),
+            "client_finished": cf_f.hex(),
+            "server_finished": sf_f.hex(),
         },
         "key_schedule": {
             "x25519_shared_secret": dhe.hex(),
@@ -106,8 +137,10 @@ def main() -> None:
             "transcript_hash_th1": th1.hex(),
             "transcript_hash_th2": th2.hex(),
             **{label.replace(" ", "_"): v.hex() for label, v in secrets.items()},
-            "client_write_key": c_key.hex(), "client_write_iv": c_iv.hex(),
-            "server_write_key": s_key.hex(), "server_write_iv": s_iv.hex(),
+            "client_write_key": c_key.hex(),
+            "client_write_iv": c_iv.hex(),
+            "server_write_key": s_key.hex(),
+            "server_write_iv": s_iv.hex(),
         },
         "records": {
             "client_first_record_plaintext": b"hello, securechan".hex(),

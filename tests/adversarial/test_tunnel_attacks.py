@@ -1,0 +1,115 @@
+"""An attacker between a client tunnel and a server tunnel.
+
+The plain programs at either end cannot see alerts, so the tunnels must turn every attack
+into a reset (never a clean FIN): a program that reads to EOF must not mistake a tampered or
+truncated stream for a complete one, and it never receives a tampered byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from securechan.frames import FrameType
+
+from .proxy import Attack, Direction, Flow, FrameProxy, Verdict, flip, is_frame
+
+PAYLOAD = os.urandom(600_000)
+
+
+class Target:
+    """A plain TCP service that records what it received and whether its stream ended cleanly."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.ending: list[str] = []
+        self.done = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while chunk := await reader.read(65536):
+                self.data += chunk
+            self.ending.append("eof")
+            writer.write(b"got it")
+            writer.write_eof()
+            await writer.drain()
+        except (ConnectionError, OSError) as exc:
+            self.ending.append(type(exc).__name__)
+        finally:
+            writer.close()
+            self.done.set()
+
+
+class FlipDataRecord(Attack):
+    def __init__(self, n: int) -> None:
+        self.n, self.seen = n, 0
+
+    def frame(self, flow: Flow, direction: Direction, frame: bytes) -> Verdict:
+        if direction is Direction.C2S and is_frame(frame, FrameType.APPLICATION_DATA):
+            self.seen += 1
+            if self.seen == self.n:
+                return [flip(frame, 30, 1)]
+        return [frame]
+
+
+class StripClientCloseNotify(Attack):
+    """Hold each client CONTROL record until another client frame follows; drop the last (close_notify)."""
+
+    def __init__(self) -> None:
+        self.held: list[bytes] = []
+
+    def frame(self, flow: Flow, direction: Direction, frame: bytes) -> Verdict:
+        if direction is not Direction.C2S:
+            return [frame]
+        out, self.held = self.held, []
+        if is_frame(frame, FrameType.CONTROL):
+            self.held = [frame]
+            return out
+        return [*out, frame]
+
+
+async def run_through_tunnels(pki_dir, attack: Attack) -> tuple[Target, bytes, str]:  # type: ignore[no-untyped-def]
+    import tunnelkit
+
+    target = Target()
+    async with tunnelkit.plain_target(target.handle) as target_port, \
+            tunnelkit.running(tunnelkit.server_spec(pki_dir, f"127.0.0.1:{target_port}")) as (server_tunnel,):
+        proxy = FrameProxy(server_tunnel.port, attack)
+        proxy_port = await proxy.start()
+        try:
+            async with tunnelkit.running(tunnelkit.client_spec(pki_dir, f"127.0.0.1:{proxy_port}")) as (client_tunnel,):
+                reader, writer = await asyncio.open_connection("127.0.0.1", client_tunnel.port)
+                writer.write(PAYLOAD)
+                writer.write_eof()
+                try:
+                    await writer.drain()
+                    reply = await asyncio.wait_for(reader.read(), 15)
+                    client_end = "eof"
+                except (ConnectionError, OSError) as exc:
+                    reply, client_end = b"", type(exc).__name__
+                writer.close()
+                await asyncio.wait_for(target.done.wait(), 15)
+        finally:
+            await proxy.close()
+    return target, reply, client_end
+
+
+async def test_honest_tunnel_through_passive_proxy(pki_dir) -> None:
+    """Control case: the same path without tampering delivers everything and ends with a clean EOF."""
+    target, reply, client_end = await run_through_tunnels(pki_dir, Attack())
+    assert bytes(target.data) == PAYLOAD and target.ending == ["eof"]
+    assert reply == b"got it" and client_end == "eof"
+
+
+@pytest.mark.parametrize("attack", ["flip", "strip-close-notify"])
+async def test_attack_between_tunnels_resets_the_plain_ends(pki_dir, attack: str) -> None:
+    target, reply, client_end = await run_through_tunnels(
+        pki_dir, FlipDataRecord(2) if attack == "flip" else StripClientCloseNotify()
+    )
+    assert PAYLOAD.startswith(bytes(target.data)), "the target received bytes the client never sent"
+    assert target.ending and target.ending[0] != "eof", "a tampered or truncated stream ended like a complete one"
+    if attack == "flip":
+        assert len(target.data) < len(PAYLOAD)
+    assert reply == b""

@@ -1,0 +1,232 @@
+"""Key lifecycle: updates by time and volume, wiping on close, version negotiation, the ticket format."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import pytest
+
+import securechan
+from securechan.connection import Connection, State
+from securechan.errors import AlertCode
+from securechan.events import DataReceived, KeysUpdated
+from securechan.frames import FrameType, encode_frame, pack_map, unpack_map
+from securechan.handshake import handshake_frame
+from securechan.messages import ClientHello, ServerHello
+from securechan.tickets import ServerTickets, TicketContents, TicketStatus
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def connected_pair(
+    client_cfg: securechan.ClientConfig, server_cfg: securechan.ServerConfig, clock: Clock | None = None
+) -> tuple[Connection, Connection]:
+    kw = {"clock": clock} if clock is not None else {}
+    client = Connection(client_cfg, server_name="localhost", **kw)
+    server = Connection(server_cfg, **kw)
+    while not (client.handshake_complete and server.handshake_complete):
+        server.receive_data(client.data_to_send())
+        client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())
+    return client, server
+
+
+def send(sender: Connection, receiver: Connection, data: bytes) -> list[object]:
+    sender.send_data(data)
+    events = receiver.receive_data(sender.data_to_send())
+    got = b"".join(bytes(e.data) for e in events if isinstance(e, DataReceived))
+    assert got == data
+    return events
+
+
+def receiver_updates(events: list[object]) -> list[int]:
+    return [e.generation for e in events if isinstance(e, KeysUpdated) and not e.sending]
+
+
+# -- automatic key updates ------------------------------------------------------------------
+
+
+def test_key_updates_by_time(pki_dir, caplog) -> None:
+    clock = Clock()
+    client, server = connected_pair(
+        pki_dir.client_config(key_update_interval=10), pki_dir.server_config(), clock
+    )
+    assert receiver_updates(send(client, server, b"a" * 100)) == []
+    clock.now += 9.9
+    assert receiver_updates(send(client, server, b"b" * 100)) == []
+    clock.now += 0.2
+    with caplog.at_level(logging.DEBUG, logger="securechan"):
+        assert receiver_updates(send(client, server, b"c" * 100)) == [1]
+    assert "client: sending key updated (generation 1)" in caplog.text
+    assert receiver_updates(send(client, server, b"d" * 100)) == []  # the interval restarts at the update
+    clock.now += 10
+    assert receiver_updates(send(client, server, b"e" * 100)) == [2]
+    # The server's interval is its own setting (None here): its key never updates by time.
+    clock.now += 1e6
+    assert receiver_updates(send(server, client, b"f" * 100)) == []
+
+
+def test_idle_connection_updates_before_its_next_record(pki_dir) -> None:
+    clock = Clock()
+    client, server = connected_pair(
+        pki_dir.client_config(), pki_dir.server_config(key_update_interval=60), clock
+    )
+    clock.now += 3600  # an hour idle: one update, not sixty
+    assert receiver_updates(send(server, client, b"x")) == [1]
+
+
+def test_key_updates_by_records_and_bytes(pki_dir) -> None:
+    client, server = connected_pair(
+        pki_dir.client_config(key_update_records=3, max_record_size=1024), pki_dir.server_config()
+    )
+    events = send(client, server, os.urandom(1024 * 7))  # 7 records: updates before the 4th and the 7th
+    assert receiver_updates(events) == [1, 2]
+    client, server = connected_pair(pki_dir.client_config(key_update_bytes=5000), pki_dir.server_config())
+    updates = []
+    for _ in range(10):
+        updates += receiver_updates(send(client, server, b"z" * 1000))
+    assert updates == [1]
+
+
+async def test_time_based_updates_over_loopback(serve, pki_dir, caplog) -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    _, port = await serve(echo, pki_dir.server_config(key_update_interval=0.05))
+    reader, writer = await securechan.open_connection(
+        "127.0.0.1", port, config=pki_dir.client_config(key_update_interval=0.05), server_name="localhost"
+    )
+    with caplog.at_level(logging.DEBUG, logger="securechan"):
+        for i in range(3):
+            msg = os.urandom(5000 + i)
+            writer.write(msg)
+            assert await reader.readexactly(len(msg)) == msg
+            await asyncio.sleep(0.06)  # longer than the interval: the next record goes under a new key
+    writer.close()
+    await writer.wait_closed()
+    assert "client: sending key updated (generation 2)" in caplog.text
+    assert "server: sending key updated (generation 2)" in caplog.text
+
+
+@pytest.mark.parametrize("value", [0, -1.0])
+def test_bad_key_update_interval(pki_dir, value: float) -> None:
+    with pytest.raises(securechan.ConfigError, match="key_update_interval"):
+        pki_dir.client_config(key_update_interval=value)
+
+
+# -- wiping -------------------------------------------------------------------------------------
+
+
+def test_secrets_are_overwritten_on_close(pki_dir) -> None:
+    client, server = connected_pair(pki_dir.client_config(), pki_dir.server_config())
+    assert client._sealer is not None and client._opener is not None and client.session is not None
+    sealer_secret, opener_secret = client._sealer._secret, client._opener._secret
+    exporter = client._exporter_secret
+    assert any(sealer_secret) and any(opener_secret) and any(exporter)
+    session = client.session
+    assert len(session.export_keying_material(b"label")) == 32
+    client.close()
+    server.receive_data(client.data_to_send())
+    server.close()
+    client.receive_data(server.data_to_send())
+    assert client.state is State.CLOSED
+    assert not any(sealer_secret) and not any(opener_secret) and not any(exporter)
+    assert client._sealer._aead is None and client._opener._aead is None
+    with pytest.raises(securechan.ConnectionClosedError, match="wiped"):
+        session.export_keying_material(b"label")
+
+
+def test_key_update_overwrites_the_previous_secret(pki_dir) -> None:
+    client, server = connected_pair(pki_dir.client_config(), pki_dir.server_config())
+    assert client._sealer is not None
+    old = client._sealer._secret
+    client.update_keys(request_peer=False)
+    assert not any(old) and any(client._sealer._secret)
+    server.receive_data(client.data_to_send())
+    assert receiver_updates(send(client, server, b"after")) == []
+
+
+def test_discard_overwrites_the_receive_buffer(pki_dir) -> None:
+    client, server = connected_pair(pki_dir.client_config(), pki_dir.server_config())
+    send(client, server, b"s" * 3000)
+    assert any(server._buf)
+    server.discard()
+    assert not any(server._buf)
+    assert not any(server._exporter_secret)
+
+
+# -- versions -----------------------------------------------------------------------------------
+
+
+def hello(versions: tuple[int, ...]) -> ClientHello:
+    return ClientHello(
+        versions=versions, random=os.urandom(32), suites=(1, 2, 3), key_wraps=(1,), x25519=os.urandom(32),
+        max_record=65536, server_name="localhost",
+    )
+
+
+def test_server_refuses_an_unknown_future_version_cleanly(pki_dir) -> None:
+    server = Connection(pki_dir.server_config())
+    with pytest.raises(securechan.NoCommonVersionError, match=r"offered protocol versions \[2\]"):
+        server.receive_data(handshake_frame(hello((2,))))
+    assert server.state is State.FAILED
+    alert = server.data_to_send()
+    assert alert[:2] == bytes([0x92, FrameType.ALERT])
+    assert unpack_map(alert[7:], 64) == {"type": "alert", "code": int(AlertCode.PROTOCOL_VERSION)}
+
+
+def test_server_picks_the_version_it_knows_from_a_longer_list(pki_dir) -> None:
+    server = Connection(pki_dir.server_config())
+    server.receive_data(handshake_frame(hello((3, 2, 1))))
+    reply = server.data_to_send()
+    assert unpack_map(reply[7:], 64 * 1024)["version"] == 1
+
+
+def test_client_refuses_a_version_it_did_not_offer(pki_dir) -> None:
+    client = Connection(pki_dir.client_config(), server_name="localhost")
+    client.data_to_send()
+    sh = ServerHello(version=2, random=os.urandom(32), suite=1, key_wrap=1, x25519=os.urandom(32),
+                     max_record=65536, certificates=(b"x",))
+    with pytest.raises(securechan.NoCommonVersionError, match="did not offer"):
+        client.receive_data(encode_frame(FrameType.HANDSHAKE, pack_map(sh.encode())))
+
+
+def test_config_refuses_versions_it_cannot_speak(pki_dir) -> None:
+    with pytest.raises(securechan.ConfigError, match="versions"):
+        pki_dir.client_config(versions=[2])
+
+
+# -- the ticket format --------------------------------------------------------------------------------
+
+
+def test_ticket_hides_its_contents_and_is_versioned() -> None:
+    tickets = ServerTickets(lifetime=60, rotation=3600)
+    psk = os.urandom(32)
+    contents = TicketContents(psk=psk, version=1, suite=1, server_name="db.internal", client_chain=(b"CERT" * 8,))
+    ticket = tickets.seal(contents)
+    assert ticket is not None and ticket[0] == 1
+    for secret in (psk, b"db.internal", b"CERT" * 8):
+        assert secret not in ticket
+    opened, status = tickets.open(ticket)
+    assert status is TicketStatus.ACCEPTED and opened is not None
+    assert (opened.psk, opened.server_name, opened.client_chain) == (psk, "db.internal", (b"CERT" * 8,))
+    assert opened.expires_ms - opened.issued_ms == 60_000
+    # A later ticket format is not understood: refused, never misread.
+    assert tickets.open(b"\x02" + ticket[1:]) == (None, TicketStatus.INVALID)
+
+
+def test_oversized_client_chain_gets_no_ticket() -> None:
+    tickets = ServerTickets(lifetime=60, rotation=3600)
+    big = TicketContents(psk=bytes(32), version=1, suite=1, server_name=None, client_chain=(os.urandom(13000),))
+    assert tickets.seal(big) is None

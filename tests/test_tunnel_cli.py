@@ -1,0 +1,314 @@
+"""The tunnel CLI as a real subprocess: config-file runs, SIGTERM draining, exit codes, workers, SIGHUP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+from tunnelkit import free_port, plain_target
+
+import securechan
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Cli:
+    """``python -m securechan ...`` with its stderr collected line by line."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._new = asyncio.Event()
+        self._reader = asyncio.ensure_future(self._collect())
+
+    @classmethod
+    async def start(cls, *args: str) -> Cli:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "securechan", *args, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        return cls(proc)
+
+    async def _collect(self) -> None:
+        assert self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            self.lines.append(line.decode(errors="replace").rstrip("\n"))
+            self._new.set()
+        self._new.set()
+
+    async def wait_for(self, text: str, limit: float = 20) -> str:
+        async def scan() -> str:
+            while True:
+                for line in self.lines:
+                    if text in line:
+                        return line
+                if self._reader.done():
+                    raise AssertionError(f"exited without logging {text!r}:\n" + self.output)
+                self._new.clear()
+                await self._new.wait()
+
+        return await asyncio.wait_for(scan(), limit)
+
+    async def exit_code(self, limit: float = 30) -> int:
+        code = await asyncio.wait_for(self.proc.wait(), limit)
+        await self._reader
+        return code
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        await self._reader
+
+
+def two_tunnels(pki_dir, tmp_path: Path, target_port: int, *, drain: float, extra: str = "") -> tuple[Path, int]:
+    """A config with a server tunnel in front of the target and a client tunnel in front of that."""
+    secure_port, plain_port = free_port(), free_port()
+    cfg = tmp_path / "tunnels.toml"
+    cfg.write_text(f"""
+drain_timeout = {drain}
+
+[defaults]
+handshake_timeout = 5
+{extra}
+
+[[tunnel]]
+name = "backend"
+mode = "server"
+listen = "127.0.0.1:{secure_port}"
+target = "127.0.0.1:{target_port}"
+cert = "{pki_dir.server_cert}"
+key = "{pki_dir.server_key}"
+
+[[tunnel]]
+name = "frontend"
+mode = "client"
+listen = "127.0.0.1:{plain_port}"
+target = "127.0.0.1:{secure_port}"
+cafile = "{pki_dir.ca_file}"
+server_name = "localhost"
+""")
+    return cfg, plain_port
+
+
+async def test_config_run_two_tunnels_and_sigterm_drains_relays_in_flight(pki_dir, tmp_path) -> None:
+    chunks = 30
+
+    async def slow_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for i in range(chunks):
+            writer.write(b"chunk %03d\n" % i)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.close()
+
+    async with plain_target(slow_stream) as target:
+        cfg, port = two_tunnels(pki_dir, tmp_path, target, drain=20)
+        cli = await Cli.start("run", "--config", str(cfg))
+        try:
+            await cli.wait_for("ready: 2 tunnels")
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            first = await reader.readline()
+            cli.proc.send_signal(signal.SIGTERM)  # relays in flight
+            await cli.wait_for("shutting down (SIGTERM)")
+            with pytest.raises(OSError):  # no longer accepting
+                await asyncio.open_connection("127.0.0.1", port)
+            rest = await reader.read()  # ... but the open one runs to its end, with a clean EOF
+            writer.close()
+            assert first + rest == b"".join(b"chunk %03d\n" % i for i in range(chunks))
+            assert await cli.exit_code() == 0
+        finally:
+            await cli.stop()
+    out = cli.output
+    assert "tunnel 'backend': securechan in on 127.0.0.1:" in out
+    assert "tunnel 'frontend': plain in on 127.0.0.1:" in out
+    assert "stopped: 2 connections relayed, 0 cut at the drain deadline" in out
+    assert "identity='localhost'" in out and "down=300" in out
+
+
+async def test_sigterm_cuts_relays_at_the_drain_deadline(pki_dir, tmp_path) -> None:
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                writer.write(b"data\n")
+                await writer.drain()
+                await asyncio.sleep(0.02)
+        except ConnectionError:
+            writer.close()
+
+    async with plain_target(endless) as target:
+        cfg, port = two_tunnels(pki_dir, tmp_path, target, drain=0.5)
+        cli = await Cli.start("run", "--config", str(cfg))
+        try:
+            await cli.wait_for("ready: 2 tunnels")
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await reader.readline()
+            cli.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionResetError):  # cut: an RST, never a clean end of stream
+                while await reader.read(65536):
+                    pass
+            writer.close()
+            assert await cli.exit_code() == 0
+        finally:
+            await cli.stop()
+    assert "shutdown deadline (0.5 s) reached" in cli.output
+    assert "2 cut at the drain deadline" in cli.output
+
+
+async def test_second_signal_cuts_at_once(pki_dir, tmp_path) -> None:
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                writer.write(b"data\n")
+                await writer.drain()
+                await asyncio.sleep(0.02)
+        except ConnectionError:
+            writer.close()
+
+    async with plain_target(endless) as target:
+        cfg, port = two_tunnels(pki_dir, tmp_path, target, drain=600)
+        cli = await Cli.start("run", "--config", str(cfg))
+        try:
+            await cli.wait_for("ready: 2 tunnels")
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await reader.readline()
+            cli.proc.send_signal(signal.SIGINT)
+            await cli.wait_for("shutting down (SIGINT)")
+            cli.proc.send_signal(signal.SIGINT)
+            assert await cli.exit_code() == 0
+            writer.close()
+        finally:
+            await cli.stop()
+    assert "SIGINT again: cutting open connections now" in cli.output
+
+
+async def test_bad_config_names_the_line_and_exits_3(tmp_path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[[tunnel]]\nname = "db"\nmode = "client"\nlisten = "127.0.0.1:1"\ntargt = "db:5432"\n')
+    cli = await Cli.start("run", "--config", str(cfg))
+    assert await cli.exit_code() == 3
+    assert f"{cfg} line 5: [[tunnel]] #1 ('db'): unknown key 'targt'; did you mean 'target'?" in cli.output
+
+
+async def test_config_check_reads_the_files(pki_dir, tmp_path) -> None:
+    cfg, _ = two_tunnels(pki_dir, tmp_path, free_port(), drain=1)
+    cli = await Cli.start("run", "--config", str(cfg), "--check")
+    assert await cli.exit_code() == 0
+    assert "OK, 2 tunnel(s): backend (server" in cli.output
+    cfg.write_text(cfg.read_text().replace(str(pki_dir.ca_file), str(tmp_path / "nope.crt")))
+    cli = await Cli.start("run", "--config", str(cfg), "--check")
+    assert await cli.exit_code() == 3
+    assert f"tunnel 'frontend': CA file '{tmp_path / 'nope.crt'}' does not exist" in cli.output
+
+
+async def test_exit_codes_usage_config_listen(pki_dir) -> None:
+    cli = await Cli.start("server", "--listen", "127.0.0.1:1")  # --target missing
+    assert await cli.exit_code() == 2
+    cli = await Cli.start("client", "--listen", "127.0.0.1:0", "--target", "127.0.0.1:1")
+    assert await cli.exit_code() == 3
+    assert "a client tunnel must verify the server: give --cafile FILE" in cli.output
+    cli = await Cli.start("server", "--listen", "127.0.0.1:0", "--target", "127.0.0.1:1",
+                          "--cert", str(pki_dir.server_key), "--key", str(pki_dir.server_key))
+    assert await cli.exit_code() == 3
+    assert "holds a private key, not a certificate" in cli.output
+    busy = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = busy.sockets[0].getsockname()[1]
+    try:
+        cli = await Cli.start("server", "--listen", f"127.0.0.1:{port}", "--target", "127.0.0.1:1",
+                              "--cert", str(pki_dir.server_cert), "--key", str(pki_dir.server_key))
+        assert await cli.exit_code() == 4
+        assert f"cannot listen on 127.0.0.1:{port}: Address already in use; another process is listening" in cli.output
+    finally:
+        busy.close()
+
+
+async def test_help_documents_exit_codes() -> None:
+    cli = await Cli.start("server", "--help")
+    assert await cli.exit_code() == 0
+    assert "exit codes:" in cli.output and "4  cannot listen" in cli.output
+
+
+def children_of(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+async def test_workers_share_the_port_and_stop_on_sigterm(pki_dir) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"pong")
+        writer.close()
+
+    port = free_port()
+    async with plain_target(answer) as target:
+        cli = await Cli.start("server", "--workers", "2", "--listen", f"127.0.0.1:{port}",
+                              "--target", f"127.0.0.1:{target}", "--cert", str(pki_dir.server_cert),
+                              "--key", str(pki_dir.server_key))
+        try:
+            await cli.wait_for("started 2 workers")
+            for _ in range(2):
+                await cli.wait_for("ready: 1 tunnel")
+            while sum("ready: 1 tunnel" in line for line in cli.lines) < 2:
+                await cli.wait_for("ready: 1 tunnel")
+                await asyncio.sleep(0.05)
+            workers = children_of(cli.proc.pid)
+            assert len(workers) == 2
+            config = pki_dir.client_config()
+            for _ in range(6):
+                reader, writer = await securechan.open_connection("127.0.0.1", port, config=config,
+                                                                  server_name="localhost")
+                assert await reader.read() == b"pong"
+                writer.close()
+            cli.proc.send_signal(signal.SIGTERM)
+            assert await cli.exit_code() == 0
+        finally:
+            await cli.stop()
+    assert sum("stopped:" in line for line in cli.lines) == 2
+
+
+async def test_sighup_reloads_the_certificate(pki_dir, tmp_path) -> None:
+    cert, key = pki_dir.issue("localhost", ips=["127.0.0.1"])
+    live_cert, live_key = tmp_path / "live.crt", tmp_path / "live.key"
+    live_cert.write_bytes(cert.read_bytes())
+    live_key.write_bytes(key.read_bytes())
+    live_key.chmod(0o600)
+    port = free_port()
+    async with plain_target(lambda r, w: w.close()) as target:  # type: ignore[arg-type,return-value]
+        cli = await Cli.start("server", "--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{target}",
+                              "--cert", str(live_cert), "--key", str(live_key))
+        try:
+            await cli.wait_for("ready: 1 tunnel")
+            config = pki_dir.client_config()
+            _, w = await securechan.open_connection("127.0.0.1", port, config=config, server_name="localhost")
+            first = w.get_extra_info("peercert").serial_number
+            w.close()
+            new_cert, new_key = pki_dir.issue("localhost", ips=["127.0.0.1"])
+            live_cert.write_bytes(new_cert.read_bytes())
+            live_key.write_bytes(new_key.read_bytes())
+            cli.proc.send_signal(signal.SIGHUP)
+            await cli.wait_for("reloaded certificates")
+            _, w = await securechan.open_connection("127.0.0.1", port, config=pki_dir.client_config(),
+                                                    server_name="localhost")
+            assert w.get_extra_info("peercert").serial_number != first
+            w.close()
+            live_key.write_text("not a key")
+            cli.proc.send_signal(signal.SIGHUP)
+            await cli.wait_for("reload failed, keeping the current certificates")
+            cli.proc.send_signal(signal.SIGTERM)
+            assert await cli.exit_code() == 0
+        finally:
+            await cli.stop()
