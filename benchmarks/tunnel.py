@@ -31,12 +31,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _listening(port: int) -> bool:
+    """True when a socket listens on ``port``, read from /proc/net/tcp so nothing connects to it.
+
+    (A probe connection would travel through a tunnel to the service: iperf3, which serves
+    one test at a time, then refuses the real client.)
+    """
+    try:
+        with open("/proc/net/tcp") as f:
+            rows = f.read().splitlines()[1:]
+    except OSError:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+    return any(r.split()[1].endswith(f":{port:04X}") and r.split()[3] == "0A" for r in rows)
+
+
 def wait_port(port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+        if _listening(port):
+            return
         time.sleep(0.05)
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:g} s")
 

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from .connection import Connection
-from .errors import ConnectionClosedError, HandshakeTimeoutError, SecureChannelError
+from .errors import ConnectionClosedError, HandshakeTimeoutError, SecureChannelError, TruncationError
 from .events import DataReceived, HandshakeComplete, KeysUpdated, PeerClosed, SessionInfo
 
 log = logging.getLogger("securechan")
@@ -146,6 +146,16 @@ class SecureProtocol(asyncio.BufferedProtocol):
             self._idle_timer.cancel()
             self._idle_timer = None
         error = self._error or exc
+        if isinstance(error, OSError) and not isinstance(error, SecureChannelError) and not self._conn.peer_closed:
+            # A reset (or another socket error) before close_notify cut the stream: report it
+            # as the truncation it is, in securechan's hierarchy (still a ConnectionResetError).
+            phase = "the handshake" if not self._conn.handshake_complete else "the connection"
+            error = TruncationError(
+                f"{phase} was cut by a TCP reset or socket error before close_notify ({error.strerror or error}); "
+                "treat what was received as incomplete"
+            )
+            if not self._conn.handshake_complete and self._error is None and self.on_handshake_failed is not None:
+                self.on_handshake_failed(self, error)  # a reset handshake is reported like any other failure
         if self._waiter is not None and not self._waiter.done():
             if error is None:
                 try:

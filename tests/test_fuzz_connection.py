@@ -12,6 +12,7 @@ mutation can reach every state, including key update and close_notify.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,7 +24,12 @@ import securechan
 from securechan import Connection, DataReceived, HandshakeComplete, PeerClosed
 from securechan.frames import HEADER_LEN, MAX_RECORD_SIZE, unpack_map
 
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+#: A hang fails the test instead of stalling the run.
+pytestmark = pytest.mark.timeout(180)
+
+#: Examples per fuzzer; raise SECURECHAN_FUZZ_EXAMPLES for longer runs.
+EXAMPLES = int(os.environ.get("SECURECHAN_FUZZ_EXAMPLES", "200"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                          HealthCheck.function_scoped_fixture])
 #: Upper bound of a connection's receive buffer: one largest frame plus the read chunk.
 BUFFER_BOUND = MAX_RECORD_SIZE + 512 * 1024
@@ -71,6 +77,19 @@ def feed(conn: Connection, data: bytes, cuts: list[int]) -> tuple[bytes, list[ob
     return bytes(delivered), events, error
 
 
+@dataclass(frozen=True)
+class Configs:
+    server: securechan.ServerConfig
+    server_no_tickets: securechan.ServerConfig
+    client: securechan.ClientConfig
+
+
+@pytest.fixture(scope="module")
+def cfg(pki_dir) -> Configs:  # type: ignore[no-untyped-def]
+    """Built once: loading a config reads and checks files, far slower than one fuzz example."""
+    return Configs(pki_dir.server_config(), pki_dir.server_config(tickets=False), pki_dir.client_config(resume=False))
+
+
 @dataclass
 class Transcript:
     client_flight: bytes  # everything the client sent, in order
@@ -80,10 +99,10 @@ class Transcript:
 
 
 @pytest.fixture(scope="module")
-def transcript(pki_dir) -> Transcript:  # type: ignore[no-untyped-def]
+def transcript(cfg: Configs) -> Transcript:
     """A complete honest conversation: handshake, data, a key update, more data, close_notify."""
-    client_cfg = pki_dir.client_config(resume=False)
-    server_cfg = pki_dir.server_config()
+    client_cfg = cfg.client
+    server_cfg = cfg.server
     client = Connection(client_cfg, server_name="localhost", entropy=entropy(b"client"))
     server = Connection(server_cfg, entropy=entropy(b"server"))
     c_out, s_out = bytearray(), bytearray()
@@ -110,13 +129,13 @@ def transcript(pki_dir) -> Transcript:  # type: ignore[no-untyped-def]
     return Transcript(bytes(c_out), bytes(s_out), b"client", b"server")
 
 
-def fresh_server(pki_dir, t: Transcript) -> Connection:  # type: ignore[no-untyped-def]
-    return Connection(pki_dir.server_config(), entropy=entropy(t.server_seed))
+def fresh_server(cfg: Configs, t: Transcript) -> Connection:
+    return Connection(cfg.server, entropy=entropy(t.server_seed))
 
 
-def test_replayed_transcript_is_accepted_whole(pki_dir, transcript: Transcript) -> None:
+def test_replayed_transcript_is_accepted_whole(cfg: Configs, transcript: Transcript) -> None:
     """Control case: unmutated, the recorded flight completes on a fresh server with the same entropy."""
-    delivered, events, error = feed(fresh_server(pki_dir, transcript), transcript.client_flight, [])
+    delivered, events, error = feed(fresh_server(cfg, transcript), transcript.client_flight, [])
     assert error is None
     assert delivered == UPLOAD[0] + UPLOAD[1] + UPLOAD[3]
     assert any(isinstance(e, HandshakeComplete) for e in events) and isinstance(events[-1], PeerClosed)
@@ -153,9 +172,9 @@ def mutate(data: bytes, mutations: list[tuple[str, int, object]]) -> bytes:
 
 @FUZZ
 @given(mutations=st.lists(mutation, min_size=1, max_size=3), cuts=st.lists(st.integers(0, 6000), max_size=4))
-def test_mutated_client_flight_to_server(pki_dir, transcript: Transcript, mutations, cuts) -> None:  # type: ignore[no-untyped-def]
+def test_mutated_client_flight_to_server(cfg: Configs, transcript: Transcript, mutations, cuts) -> None:  # type: ignore[no-untyped-def]
     data = mutate(transcript.client_flight, mutations)
-    delivered, _, error = feed(fresh_server(pki_dir, transcript), data, cuts)
+    delivered, _, error = feed(fresh_server(cfg, transcript), data, cuts)
     honest = UPLOAD[0] + UPLOAD[1] + UPLOAD[3]
     assert honest.startswith(delivered), "a mutated flight delivered bytes the client never sent"
     if data != transcript.client_flight:
@@ -164,10 +183,10 @@ def test_mutated_client_flight_to_server(pki_dir, transcript: Transcript, mutati
 
 @FUZZ
 @given(mutations=st.lists(mutation, min_size=1, max_size=3), cuts=st.lists(st.integers(0, 3000), max_size=4))
-def test_mutated_server_flight_to_client(pki_dir, transcript: Transcript, mutations, cuts) -> None:  # type: ignore[no-untyped-def]
+def test_mutated_server_flight_to_client(cfg: Configs, transcript: Transcript, mutations, cuts) -> None:  # type: ignore[no-untyped-def]
     """The client re-draws its OAEP padding, so the recorded server Finished never verifies: every
     mutation must end in a typed error and deliver nothing."""
-    client = Connection(pki_dir.client_config(resume=False), server_name="localhost",
+    client = Connection(cfg.client, server_name="localhost",
                         entropy=entropy(transcript.client_seed))
     delivered, _, error = feed(client, mutate(transcript.server_flight, mutations), cuts)
     assert delivered == b"" and isinstance(error, securechan.SecureChannelError)
@@ -176,29 +195,28 @@ def test_mutated_server_flight_to_client(pki_dir, transcript: Transcript, mutati
 @FUZZ
 @given(data=st.binary(max_size=2000), cuts=st.lists(st.integers(0, 2000), max_size=5),
        role=st.sampled_from(["client", "server"]))
-def test_random_bytes(pki_dir, data: bytes, cuts: list[int], role: str) -> None:  # type: ignore[no-untyped-def]
-    conn = (Connection(pki_dir.client_config(resume=False), server_name="localhost") if role == "client"
-            else Connection(pki_dir.server_config()))
+def test_random_bytes(cfg: Configs, data: bytes, cuts: list[int], role: str) -> None:
+    conn = Connection(cfg.client, server_name="localhost") if role == "client" else Connection(cfg.server)
     delivered, _, _ = feed(conn, data, cuts)
     assert delivered == b""
 
 
 @FUZZ
 @given(body=st.binary(max_size=600), ftype=st.integers(0, 255), declared=st.integers(0, 2**32 - 1))
-def test_random_frames_with_any_head(pki_dir, body: bytes, ftype: int, declared: int) -> None:  # type: ignore[no-untyped-def]
+def test_random_frames_with_any_head(cfg: Configs, body: bytes, ftype: int, declared: int) -> None:  # type: ignore[no-untyped-def]
     head = bytes([0x92, ftype, 0xC6]) + declared.to_bytes(4, "big")
-    conn = Connection(pki_dir.server_config())
+    conn = Connection(cfg.server)
     delivered, _, _ = feed(conn, head + body, [])
     assert delivered == b""
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=max(20, EXAMPLES // 3), deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(mutations=st.lists(mutation, min_size=1, max_size=2), cuts=st.lists(st.integers(0, 9000), max_size=3))
-def test_mutated_records_to_connected_client(pki_dir, mutations, cuts) -> None:  # type: ignore[no-untyped-def]
+def test_mutated_records_to_connected_client(cfg: Configs, mutations, cuts) -> None:  # type: ignore[no-untyped-def]
     """A fresh real handshake per example; then the server's records are mutated on the way to the client."""
-    client = Connection(pki_dir.client_config(resume=False), server_name="localhost")
-    server = Connection(pki_dir.server_config(tickets=False))
+    client = Connection(cfg.client, server_name="localhost")
+    server = Connection(cfg.server_no_tickets)
     for _ in range(3):
         server.receive_data(client.data_to_send())
         client.receive_data(server.data_to_send())
@@ -215,13 +233,13 @@ def test_mutated_records_to_connected_client(pki_dir, mutations, cuts) -> None: 
         assert delivered == sent and isinstance(events[-1], PeerClosed)
 
 
-def test_damaged_issuer_name_is_a_certificate_error(pki_dir, transcript: Transcript) -> None:  # type: ignore[no-untyped-def]
+def test_damaged_issuer_name_is_a_certificate_error(cfg: Configs, transcript: Transcript) -> None:  # type: ignore[no-untyped-def]
     """Found by the mutation fuzzer: a certificate whose issuer name does not parse (UTF8String tag
     turned into tag 13) used to escape as ValueError from the diagnostics; it is a CertificateError."""
     good = b"\x0c\x0cTest Root CA"
     assert good in transcript.server_flight
     damaged = transcript.server_flight.replace(good, b"\x0d\x0cTest Root CA", 1)
-    client = Connection(pki_dir.client_config(resume=False), server_name="localhost")
+    client = Connection(cfg.client, server_name="localhost")
     with pytest.raises(securechan.CertificateError, match=r"not valid DER X\.509"):
         client.receive_data(damaged)
     out = client.data_to_send()

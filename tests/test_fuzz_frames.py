@@ -6,6 +6,7 @@ input; hostile lengths and nesting are refused before anything large is allocate
 
 from __future__ import annotations
 
+import os
 import tracemalloc
 from typing import Any
 
@@ -27,7 +28,12 @@ from securechan.frames import (
     unpack_map,
 )
 
-FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: A hang fails the test instead of stalling the run.
+pytestmark = pytest.mark.timeout(180)
+
+#: Examples per fuzzer; raise SECURECHAN_FUZZ_EXAMPLES for longer runs.
+EXAMPLES = int(os.environ.get("SECURECHAN_FUZZ_EXAMPLES", "400"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 msgpack_values = st.recursive(
     st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.floats()
@@ -40,7 +46,7 @@ FIELD_NAMES = sorted(
     {
         "type", "versions", "random", "suites", "key_wraps", "x25519", "max_record", "server_name", "ticket",
         "binder", "version", "suite", "key_wrap", "certificates", "client_auth", "resumed", "ticket_status",
-        "wrapped_key", "scheme", "signature", "mac", "code", "request_update", "lifetime", "nonce",
+        "wrapped_key", "scheme", "signature", "mac", "code", "request_update", "lifetime", "nonce", "tickets",
     }
 )
 MESSAGE_TYPES = sorted({*messages.HANDSHAKE_MESSAGES, *messages.CONTROL_MESSAGES, "bogus"})

@@ -187,6 +187,7 @@ async def test_second_signal_cuts_at_once(pki_dir, tmp_path) -> None:
         finally:
             await cli.stop()
     assert "SIGINT again: cutting open connections now" in cli.output
+    assert "closed: cut by a second stop signal" in cli.output
 
 
 async def test_bad_config_names_the_line_and_exits_3(tmp_path) -> None:
@@ -312,3 +313,32 @@ async def test_sighup_reloads_the_certificate(pki_dir, tmp_path) -> None:
             assert await cli.exit_code() == 0
         finally:
             await cli.stop()
+
+
+async def test_encrypted_key_passphrase_from_environment(pki_dir, tmp_path, monkeypatch) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from securechan import pki
+
+    key = serialization.load_pem_private_key(pki_dir.server_key.read_bytes(), password=None)
+    locked = tmp_path / "locked.key"
+    locked.write_bytes(pki.key_pem(key, b"correct horse"))  # type: ignore[arg-type]
+    locked.chmod(0o600)
+    base = ["server", "--listen", "127.0.0.1:0", "--target", "127.0.0.1:1", "--cert", str(pki_dir.server_cert),
+            "--key", str(locked)]
+    cli = await Cli.start(*base)
+    assert await cli.exit_code() == 3
+    assert "is encrypted: give its passphrase" in cli.output
+    monkeypatch.setenv("TUNNEL_TEST_PASS", "wrong")
+    cli = await Cli.start(*base, "--key-pass-env", "TUNNEL_TEST_PASS")
+    assert await cli.exit_code() == 3
+    assert "wrong passphrase" in cli.output
+    monkeypatch.setenv("TUNNEL_TEST_PASS", "correct horse")
+    cli = await Cli.start(*base, "--key-pass-env", "TUNNEL_TEST_PASS")
+    try:
+        await cli.wait_for("ready: 1 tunnel")
+        cli.proc.send_signal(signal.SIGTERM)
+        assert await cli.exit_code() == 0
+    finally:
+        await cli.stop()
+    assert "correct horse" not in cli.output

@@ -168,8 +168,12 @@ class Tunnel:
         while self.active and not self._hurry and (end is None or loop.time() < end):
             await asyncio.sleep(0.05)
         cut = len(self.relays)
+        if self._hurry:
+            reason = "cut by a second stop signal"
+        else:
+            reason = f"shutdown deadline ({deadline:g} s) reached" if deadline is not None else "shutdown"
         for relay in list(self.relays):
-            relay.stop(f"shutdown deadline ({deadline:g} s) reached" if deadline is not None else "shutdown")
+            relay.stop(reason)
         for proto in list(self._protocols):
             proto.abort()
         if self._tasks:

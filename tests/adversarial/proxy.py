@@ -10,7 +10,8 @@ answers with what to forward instead:
 
 * ``[frame]`` — unchanged; ``[modified]`` — tampered; ``[]`` — dropped;
 * several frames — duplicated, reordered (hold one back, emit it later) or injected;
-* :data:`CUT` — close both TCP connections at once (the peers see FIN, no alert).
+* :data:`CUT` — close both TCP connections at once (the peers see FIN, no alert);
+  :data:`RESET` — the same with an RST.
 
 When a side closes its write direction the attack's :meth:`Attack.eof` may emit held
 frames (or a truncated frame) before the FIN is passed on. Bytes that do not start with a
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import socket
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,12 +44,17 @@ class Direction(enum.Enum):
 
 
 class _Cut:
+    def __init__(self, reset: bool) -> None:
+        self.reset = reset
+
     def __repr__(self) -> str:
-        return "CUT"
+        return "RESET" if self.reset else "CUT"
 
 
-#: Returned by an attack to tear down both TCP connections.
-CUT = _Cut()
+#: Returned by an attack to tear down both TCP connections (each peer sees a FIN).
+CUT = _Cut(reset=False)
+#: Returned by an attack to reset both TCP connections (each peer sees an RST).
+RESET = _Cut(reset=True)
 Verdict = Sequence[bytes] | _Cut
 
 
@@ -92,10 +99,16 @@ class Flow:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
 
-    def tear_down(self) -> None:
+    def tear_down(self, reset: bool = False) -> None:
         self.cut = True
         for w in self.writers:
-            w.transport.close()
+            if reset:
+                sock = w.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                w.transport.abort()
+            else:
+                w.transport.close()
 
     def of_type(self, direction: Direction, ftype: FrameType) -> list[bytes]:
         return [f for f in self.frames[direction] if is_frame(f, ftype)]
@@ -210,7 +223,7 @@ class FrameProxy:
 
     def _emit(self, flow: Flow, direction: Direction, writer: asyncio.StreamWriter, verdict: Verdict) -> bool:
         if isinstance(verdict, _Cut):
-            flow.tear_down()
+            flow.tear_down(reset=verdict.reset)
             return False
         if flow.cut or writer.transport.is_closing():
             return False

@@ -23,7 +23,7 @@ from securechan import AlertCode, pki
 from securechan.frames import HEADER_LEN
 
 from .peers import RecordingServer, assert_still_serving, connect, start_server
-from .proxy import CUT, Attack, Direction, Flow, FrameProxy, Verdict, flip, message_of, message_type, rewrite
+from .proxy import CUT, RESET, Attack, Direction, Flow, FrameProxy, Verdict, flip, message_of, message_type, rewrite
 
 # (direction, index within that direction) of each handshake frame of the full handshake
 CLIENT_HELLO = (Direction.C2S, 0)
@@ -131,8 +131,13 @@ def _flip_positions(frame: bytes) -> list[tuple[int, int]]:
     return head + body
 
 
-async def test_bit_flip_sweep_every_handshake_frame(server_config, client_config, pki_dir) -> None:
-    """One flipped bit anywhere in any handshake frame (head and a spread of body bytes) never completes."""
+async def sweep(
+    server_config: securechan.ServerConfig,
+    client_config: securechan.ClientConfig,
+    frames: dict[str, tuple[Direction, int]],
+) -> int:
+    """Flip one bit at a time across every frame in ``frames``; every case must fail on both sides
+    with consistent alerts, and the server must then serve an honest client. Returns the case count."""
     # Record one honest handshake to learn the frame sizes.
     cases: list[tuple[str, int, int]] = []
     server = await start_server(server_config)
@@ -142,8 +147,9 @@ async def test_bit_flip_sweep_every_handshake_frame(server_config, client_config
     app.transport.close()  # type: ignore[union-attr]
     await app.ended()
     await asyncio.wait_for(proxy.flows[0].done.wait(), 10)
-    for name, (direction, index) in HANDSHAKE_FRAMES.items():
+    for name, (direction, index) in frames.items():
         frame = proxy.flows[0].frames[direction][index]
+        assert message_type(frame) == ("finished" if name.endswith("_finished") else name), name
         cases += [(name, pos, bit) for pos, bit in _flip_positions(frame)]
     await proxy.close()
     await server.close()
@@ -153,7 +159,7 @@ async def test_bit_flip_sweep_every_handshake_frame(server_config, client_config
 
     async def one(name: str, pos: int, bit: int) -> None:
         async with limit:
-            target = HANDSHAKE_FRAMES[name]
+            target = frames[name]
             try:
                 cerr, serr, flow, srv, _ = await attacked_handshake(
                     server_config, client_config, OnHandshakeFrame(target, lambda f: [flip(f, pos, bit)])
@@ -165,7 +171,32 @@ async def test_bit_flip_sweep_every_handshake_frame(server_config, client_config
 
     await asyncio.gather(*(one(*case) for case in cases))
     assert not failures, "\n".join(failures)
-    assert len(cases) > 60
+    return len(cases)
+
+
+async def test_bit_flip_sweep_every_handshake_frame(server_config, client_config) -> None:
+    """One flipped bit anywhere in any handshake frame (head and a spread of body bytes) never completes."""
+    assert await sweep(server_config, client_config, HANDSHAKE_FRAMES) > 60
+
+
+async def test_bit_flip_sweep_mutual_authentication(pki_dir, tmp_path) -> None:
+    """The same with client certificates: the ClientCertificate frame (chain, scheme, signature) too."""
+    cert, key = pki.issue_cert(pki_dir.ca, "alice", client=True, key_type="ec-p256")
+    crt, k = tmp_path / "alice.crt", tmp_path / "alice.key"
+    crt.write_bytes(pki.cert_pem(cert))
+    k.write_bytes(pki.key_pem(key))
+    os.chmod(k, 0o600)
+    server_config = pki_dir.server_config(client_cafile=pki_dir.ca_file)
+    client_config = pki_dir.client_config(certfile=crt, keyfile=k, resume=False)
+    frames = {
+        "client_hello": (Direction.C2S, 0),
+        "server_hello": (Direction.S2C, 0),
+        "client_certificate": (Direction.C2S, 1),
+        "key_exchange": (Direction.C2S, 2),
+        "client_finished": (Direction.C2S, 3),
+        "server_finished": (Direction.S2C, 1),
+    }
+    assert await sweep(server_config, client_config, frames) > 70
 
 
 @pytest.mark.parametrize(
@@ -397,14 +428,14 @@ async def test_right_certificate_attacker_cannot_unwrap(server_config, client_co
 
 
 class CutAfter(Attack):
-    """Forward ``n`` frames (counting both directions), then cut both TCP connections."""
+    """Forward ``n`` frames (counting both directions), then cut (FIN) or reset (RST) both connections."""
 
-    def __init__(self, n: int) -> None:
-        self.n, self.seen = n, 0
+    def __init__(self, n: int, reset: bool = False) -> None:
+        self.n, self.seen, self.reset = n, 0, reset
 
     def frame(self, flow: Flow, direction: Direction, frame: bytes) -> Verdict:
         if self.seen >= self.n:
-            return CUT
+            return RESET if self.reset else CUT
         self.seen += 1
         return [frame]
 
@@ -412,8 +443,11 @@ class CutAfter(Attack):
 @pytest.mark.parametrize("forwarded", [0, 1, 2, 3, 4], ids=["before-client-hello", "before-server-hello",
                                                             "before-key-exchange", "before-client-finished",
                                                             "before-server-finished"])
-async def test_cut_at_every_handshake_step(server_config, client_config, forwarded: int) -> None:
-    cerr, serr, flow, server, _ = await attacked_handshake(server_config, client_config, CutAfter(forwarded))
+@pytest.mark.parametrize("how", ["fin", "rst"])
+async def test_cut_at_every_handshake_step(server_config, client_config, forwarded: int, how: str) -> None:
+    """A FIN or an RST at any point of the handshake is a TruncationError on both sides."""
+    attack = CutAfter(forwarded, reset=how == "rst")
+    cerr, serr, flow, server, _ = await attacked_handshake(server_config, client_config, attack)
     assert type(cerr) is securechan.TruncationError, repr(cerr)
     if forwarded == 0:
         assert serr is None or type(serr) is securechan.TruncationError

@@ -18,7 +18,7 @@ from securechan import AlertCode
 from securechan.frames import HEADER_LEN, FrameType, encode_frame, pack_map
 
 from .peers import Recorder, RecordingServer, assert_prefix, assert_still_serving, connect, start_server
-from .proxy import Attack, Direction, Flow, Verdict, flip, is_frame
+from .proxy import RESET, Attack, Direction, Flow, Verdict, flip, is_frame
 
 MESSAGES = [os.urandom(700 + 131 * i) for i in range(6)]
 SENT = b"".join(MESSAGES)
@@ -67,7 +67,7 @@ async def upload(port: int, config: securechan.ClientConfig, *, key_update_at: i
 
 
 async def server_app(server: RecordingServer) -> Recorder:
-    for _ in range(500):
+    for _ in range(1500):
         if server.apps:
             return server.apps[-1]
         await asyncio.sleep(0.01)
@@ -407,3 +407,17 @@ async def assert_still_serving_greeting(server: RecordingServer, config: securec
     assert app.clean_eof and bytes(app.data) == SENT
     app.transport.close()  # type: ignore[union-attr]
     assert await app.ended() is None
+
+
+async def test_reset_mid_stream_is_a_truncation(recording_server, client_config, mitm) -> None:
+    """An RST after K records: both applications get TruncationError (still a ConnectionResetError)."""
+    _, port = await mitm(recording_server.port, OnRecords(lambda f, n, fr: RESET if n == K else [fr]))
+    client = await upload(port, client_config)
+    sapp = await server_app(recording_server)
+    exc = await sapp.ended()
+    assert type(exc) is securechan.TruncationError and isinstance(exc, ConnectionResetError), repr(exc)
+    assert not sapp.clean_eof and bytes(sapp.data) == b"".join(MESSAGES[:K])
+    cexc = await client.ended()
+    assert type(cexc) is securechan.TruncationError, repr(cexc)
+    assert_prefix(client.data, SENT)
+    await assert_still_serving(recording_server, client_config)

@@ -147,8 +147,11 @@ async def test_idle_and_half_open_connections_do_not_starve_the_server(server_co
 
         for start in range(0, n, 200):
             await asyncio.gather(*(open_one(i) for i in range(start, min(n, start + 200))))
-        while server.accepted < n:
-            await asyncio.sleep(0.05)
+        async def all_accepted() -> None:
+            while server.accepted < n:
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(all_accepted(), 60)
         await asyncio.sleep(0.2)  # let the server read what the idle clients sent
         grown = _rss() - before
         print(f"{n} idle/half-open connections: RSS grew by {grown / 2**20:.1f} MiB")

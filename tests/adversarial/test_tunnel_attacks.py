@@ -19,27 +19,50 @@ from .proxy import Attack, Direction, Flow, FrameProxy, Verdict, flip, is_frame
 PAYLOAD = os.urandom(600_000)
 
 
-class Target:
-    """A plain TCP service that records what it received and whether its stream ended cleanly."""
+class Session:
+    """What the plain target received on one connection and how that stream ended."""
 
     def __init__(self) -> None:
         self.data = bytearray()
         self.ending: list[str] = []
         self.done = asyncio.Event()
 
+
+class Target:
+    """A plain TCP service that records each connection."""
+
+    def __init__(self) -> None:
+        self.sessions: list[Session] = []
+
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        session = Session()
+        self.sessions.append(session)
         try:
             while chunk := await reader.read(65536):
-                self.data += chunk
-            self.ending.append("eof")
+                session.data += chunk
+            session.ending.append("eof")
             writer.write(b"got it")
             writer.write_eof()
             await writer.drain()
         except (ConnectionError, OSError) as exc:
-            self.ending.append(type(exc).__name__)
+            session.ending.append(type(exc).__name__)
         finally:
             writer.close()
-            self.done.set()
+            session.done.set()
+
+
+async def plain_round_trip(port: int) -> tuple[bytes, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(PAYLOAD)
+    writer.write_eof()
+    try:
+        await writer.drain()
+        reply = await asyncio.wait_for(reader.read(), 15)
+        end = "eof"
+    except (ConnectionError, OSError) as exc:
+        reply, end = b"", type(exc).__name__
+    writer.close()
+    return reply, end
 
 
 class FlipDataRecord(Attack):
@@ -70,7 +93,9 @@ class StripClientCloseNotify(Attack):
         return [*out, frame]
 
 
-async def run_through_tunnels(pki_dir, attack: Attack) -> tuple[Target, bytes, str]:  # type: ignore[no-untyped-def]
+async def run_through_tunnels(pki_dir, attack: Attack) -> tuple[Session, bytes, str]:  # type: ignore[no-untyped-def]
+    """One connection through client tunnel → attacking proxy → server tunnel → plain target, then a
+    fresh honest connection along the same path, which must still work."""
     import tunnelkit
 
     target = Target()
@@ -80,20 +105,16 @@ async def run_through_tunnels(pki_dir, attack: Attack) -> tuple[Target, bytes, s
         proxy_port = await proxy.start()
         try:
             async with tunnelkit.running(tunnelkit.client_spec(pki_dir, f"127.0.0.1:{proxy_port}")) as (client_tunnel,):
-                reader, writer = await asyncio.open_connection("127.0.0.1", client_tunnel.port)
-                writer.write(PAYLOAD)
-                writer.write_eof()
-                try:
-                    await writer.drain()
-                    reply = await asyncio.wait_for(reader.read(), 15)
-                    client_end = "eof"
-                except (ConnectionError, OSError) as exc:
-                    reply, client_end = b"", type(exc).__name__
-                writer.close()
-                await asyncio.wait_for(target.done.wait(), 15)
+                reply, client_end = await plain_round_trip(client_tunnel.port)
+                await asyncio.wait_for(target.sessions[0].done.wait(), 15)
+                proxy.attack = Attack()  # the attacker stops; the tunnels keep serving
+                again, again_end = await plain_round_trip(client_tunnel.port)
+                await asyncio.wait_for(target.sessions[1].done.wait(), 15)
+                assert (again, again_end) == (b"got it", "eof")
+                assert bytes(target.sessions[1].data) == PAYLOAD and target.sessions[1].ending == ["eof"]
         finally:
             await proxy.close()
-    return target, reply, client_end
+    return target.sessions[0], reply, client_end
 
 
 async def test_honest_tunnel_through_passive_proxy(pki_dir) -> None:

@@ -27,7 +27,7 @@ def test_targets_accept_honest_and_hostile_input() -> None:
     assert server.handshake_complete and server.peer_closed and events
 
 
-@pytest.mark.parametrize(("harness", "runs"), [("fuzz_decoders.py", 3000), ("fuzz_connection.py", 400)])
+@pytest.mark.parametrize(("harness", "runs"), [("fuzz_decoders.py", 2000), ("fuzz_connection.py", 200)])
 def test_harness_runs(harness: str, runs: int) -> None:
     pytest.importorskip("atheris")
     result = subprocess.run(

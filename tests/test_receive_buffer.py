@@ -1,0 +1,102 @@
+"""The receive buffer on the data path: it grows for bulk records, is released once idle, and the
+header fast path refuses exactly what the full header check refuses."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+import securechan
+from securechan import Connection, protocol
+from securechan.errors import DecodeError, RecordOverflowError, UnexpectedMessageError
+from securechan.events import DataReceived
+
+
+def _pair(pki_dir, record_size: int = 64 * 1024) -> tuple[Connection, Connection]:
+    client = Connection(pki_dir.client_config(max_record_size=record_size), server_name="127.0.0.1")
+    server = Connection(pki_dir.server_config(max_record_size=record_size))
+    for _ in range(4):
+        server.receive_data(client.data_to_send())
+        client.receive_data(server.data_to_send())
+    assert client.handshake_complete and server.handshake_complete
+    return client, server
+
+
+def _data(events) -> bytes:
+    return b"".join(bytes(e.data) for e in events if isinstance(e, DataReceived))
+
+
+def test_plaintext_is_a_fresh_bytes_object(pki_dir) -> None:
+    client, server = _pair(pki_dir)
+    first = _data(server.receive_data(client.seal(b"a" * 1000)))
+    events = server.receive_data(client.seal(b"b" * 1000))
+    assert all(type(e.data) is bytes for e in events if isinstance(e, DataReceived))
+    assert first == b"a" * 1000  # not overwritten by the next record
+
+
+def test_release_keeps_a_pending_frame_tail(pki_dir) -> None:
+    client, server = _pair(pki_dir)
+    payload = os.urandom(200_000)
+    wire = bytes(client.seal(payload))
+    cut = len(wire) - 1000
+    got = _data(server.receive_data(wire[:cut]))
+    assert server.holds_large_buffer
+    server.release_buffer()  # a frame is incomplete: nothing may be dropped
+    assert server.holds_large_buffer
+    got += _data(server.receive_data(wire[cut:]))
+    assert got == payload
+    server.release_buffer()
+    assert not server.holds_large_buffer
+    # the small buffer grows again for the next burst
+    assert _data(server.receive_data(bytes(client.seal(payload)))) == payload
+
+
+@pytest.mark.parametrize(
+    ("head", "error"),
+    [
+        (b"\x92\x03\xc6" + (2**20 + 17).to_bytes(4, "big"), RecordOverflowError),  # over the record limit
+        (b"\x93\x03\xc6" + (100).to_bytes(4, "big"), DecodeError),  # not a 2-element array
+        (b"\x92\x03\xc5" + (100).to_bytes(4, "big"), DecodeError),  # not bin 32
+        (b"\x92\x01\xc6" + (100).to_bytes(4, "big"), UnexpectedMessageError),  # handshake after the handshake
+    ],
+)
+def test_header_fast_path_refuses_what_parse_header_refuses(pki_dir, head: bytes, error: type) -> None:
+    _, server = _pair(pki_dir, record_size=1024 * 1024)
+    with pytest.raises(error):
+        server.receive_data(head)
+
+
+async def test_grown_buffer_is_released_once_idle(serve, server_config, client_config, monkeypatch) -> None:
+    monkeypatch.setattr(protocol, "IDLE_RELEASE_SECONDS", 0.3)
+    transports: list = []
+    grew: list[bool] = []
+    done = asyncio.Event()
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        transports.append(writer.transport)
+        total = 0
+        while total < 1_000_000:
+            chunk = await reader.read(1 << 20)
+            assert chunk
+            total += len(chunk)
+        grew.append(writer.transport._proto._conn.holds_large_buffer)  # bulk records made it grow
+        done.set()
+        await reader.read()
+        writer.close()
+
+    _, port = await serve(sink, server_config)
+    reader, writer = await securechan.open_connection("127.0.0.1", port, config=client_config)
+    writer.write(os.urandom(1_000_000))
+    await writer.drain()
+    await done.wait()
+    conn = transports[0]._proto._conn
+    assert grew == [True]
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if not conn.holds_large_buffer:
+            break
+    assert not conn.holds_large_buffer
+    writer.close()
+    await writer.wait_closed()
