@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -185,7 +186,12 @@ def steps(plan: Plan, sections: list[str]) -> int:
     return sum(per[s] for s in sections)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # run the finally blocks: stop every worker and peer program
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = parse_args(argv)
     plan = TINY if args.tiny else QUICK if args.quick else FULL
     sections = [s.strip() for s in args.only.split(",") if s.strip()]

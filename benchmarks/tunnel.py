@@ -64,14 +64,21 @@ def _pinned(cpu: int) -> Callable[[], None]:
 
 
 class Procs:
-    """Background programs started for one contender; all stopped on exit."""
+    """Background programs started for one contender; all stopped on exit.
 
-    def __init__(self) -> None:
+    Their output goes to log files in ``logdir`` (an unread pipe would fill up and stall
+    a program that logs each connection).
+    """
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, argv: list[str], cpu: int, cwd: Path | None = None) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                preexec_fn=_pinned(cpu), cwd=cwd)
+        name = Path(argv[0]).name if argv[0] != sys.executable else "-".join(argv[2:4])
+        with open(self.logdir / f"{name}-{len(self.procs)}.log", "ab") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    preexec_fn=_pinned(cpu), cwd=cwd)
         self.procs.append(proc)
         return proc
 
@@ -124,7 +131,7 @@ def stunnel(target: int, pki: BenchPKI, work: Path) -> Iterator[int]:
     (work / "stunnel-client.conf").write_text(
         common + f"client = yes\n[cli]\naccept = 127.0.0.1:{front}\nconnect = 127.0.0.1:{mid}\n"
         f"CAfile = {pki.ca}\nverifyChain = yes\ncheckIP = 127.0.0.1\n")
-    procs = Procs()
+    procs = Procs(work)
     try:
         procs.start([exe, str(work / "stunnel-server.conf")], SERVER_CPU)
         procs.start([exe, str(work / "stunnel-client.conf")], CLIENT_CPU)
@@ -141,7 +148,7 @@ def spiped(target: int, pki: BenchPKI, work: Path) -> Iterator[int]:
     key.write_bytes(os.urandom(32))
     os.chmod(key, 0o600)
     mid, front = free_port(), free_port()
-    procs = Procs()
+    procs = Procs(work)
     try:
         procs.start(["spiped", "-d", "-F", "-n", "0", "-s", f"[127.0.0.1]:{mid}", "-t", f"[127.0.0.1]:{target}",
                      "-k", str(key)], SERVER_CPU)
@@ -158,7 +165,7 @@ def spiped(target: int, pki: BenchPKI, work: Path) -> Iterator[int]:
 def securechan_tunnel(target: int, pki: BenchPKI, work: Path) -> Iterator[int]:
     mid, front = free_port(), free_port()
     sc = [sys.executable, "-m", "securechan"]
-    procs = Procs()
+    procs = Procs(work)
     try:
         server_argv = [*sc, "server", "--listen", f"127.0.0.1:{mid}", "--target", f"127.0.0.1:{target}",
                        "--cert", str(pki.cert), "--key", str(pki.key)]
@@ -210,8 +217,8 @@ def redis_rps(port: int, requests: int, clients: int, keepalive: bool) -> float:
             "-c", str(clients), "-q", "--csv"]
     if not keepalive:
         argv += ["-k", "0"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, preexec_fn=_pinned(CLIENT_CPU),
-                          check=False)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60 + requests / 100,
+                          preexec_fn=_pinned(CLIENT_CPU), check=False)
     for line in done.stdout.splitlines():
         cells = [c.strip('"') for c in line.split(",")]
         if cells and cells[0].startswith("PING") and len(cells) > 1:
@@ -223,7 +230,7 @@ def measure(pki: BenchPKI, work: Path, quick: bool, runs: int, warmup: int,
             progress: Callable[[str], None], tiny: bool = False) -> dict[str, Any]:
     contenders, notes = available()
     results: dict[str, Any] = {"notes": dict(notes), "iperf3": {}, "redis_ping_c50": {}, "redis_new_conn": {}}
-    services = Procs()
+    services = Procs(work)
     try:
         have_iperf = not missing_programs("iperf3")
         have_redis = not missing_programs("redis-server", "redis-benchmark")
@@ -255,6 +262,8 @@ def measure(pki: BenchPKI, work: Path, quick: bool, runs: int, warmup: int,
                         results["redis_ping_c50"][name] = summary(vals, "req/s")
                         vals = [redis_rps(port, new_conn_requests, 50, False) for _ in range(warmup + runs)][warmup:]
                         results["redis_new_conn"][name] = summary(vals, "conn/s")
+            except subprocess.TimeoutExpired as exc:
+                results["notes"][name] = f"failed: {Path(exc.cmd[0]).name} did not finish within {exc.timeout:g} s"
             except (RuntimeError, subprocess.SubprocessError, OSError, KeyError, ValueError) as exc:
                 results["notes"][name] = f"failed: {exc}"
     finally:

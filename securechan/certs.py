@@ -16,7 +16,7 @@ import hmac
 import ipaddress
 import os
 from collections.abc import Callable, Iterable, Sequence
-from typing import Union
+from typing import TypeAlias
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -34,9 +34,9 @@ from .errors import (
     WrongUsageError,
 )
 
-PrivateKey = Union[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey]
-PublicKey = Union[rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey]
-Source = Union[str, "os.PathLike[str]"]
+PrivateKey: TypeAlias = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+PublicKey: TypeAlias = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+Source: TypeAlias = "str | os.PathLike[str]"
 
 MAX_FILE = 1024 * 1024
 _Attempt = Callable[[str, datetime.datetime], bool]
@@ -57,7 +57,9 @@ def _read(path: Source, what: str) -> bytes:
     return data
 
 
-def load_certificates(path: Source | None = None, *, data: bytes | str | None = None, what: str = "certificate") -> list[x509.Certificate]:
+def load_certificates(
+    path: Source | None = None, *, data: bytes | str | None = None, what: str = "certificate"
+) -> list[x509.Certificate]:
     """Every certificate in a PEM file (or PEM/DER ``data``), in file order."""
     raw = _read(path, what) if path is not None else (data.encode() if isinstance(data, str) else data or b"")
     where = repr(os.fspath(path)) if path is not None else "data"
@@ -65,7 +67,9 @@ def load_certificates(path: Source | None = None, *, data: bytes | str | None = 
         certs = x509.load_pem_x509_certificates(raw) if b"-----BEGIN" in raw else [x509.load_der_x509_certificate(raw)]
     except ValueError:
         if b"PRIVATE KEY-----" in raw:
-            raise ConfigError(f"{what} {where} holds a private key, not a certificate; swap certfile and keyfile?") from None
+            raise ConfigError(
+                f"{what} {where} holds a private key, not a certificate; swap certfile and keyfile?"
+            ) from None
         raise ConfigError(f"{what} {where} holds no readable PEM certificate") from None
     if not certs:
         raise ConfigError(f"{what} {where} holds no certificate")
@@ -81,12 +85,15 @@ def load_private_key(path: Source, password: bytes | str | None = None) -> Priva
     except TypeError:
         if pw is None:
             raise ConfigError(
-                f"key file {where} is encrypted: give its passphrase (password=..., or --key-pass-env / --key-pass-file)"
+                f"key file {where} is encrypted: give its passphrase "
+                "(password=..., or --key-pass-env / --key-pass-file)"
             ) from None
         raise ConfigError(f"key file {where} is not encrypted, but a passphrase was given") from None
     except ValueError:
         if b"CERTIFICATE-----" in raw and b"PRIVATE KEY-----" not in raw:
-            raise ConfigError(f"key file {where} holds a certificate, not a private key; swap certfile and keyfile?") from None
+            raise ConfigError(
+                f"key file {where} holds a certificate, not a private key; swap certfile and keyfile?"
+            ) from None
         if pw is not None and b"ENCRYPTED" in raw:
             raise ConfigError(f"could not decrypt key file {where}: wrong passphrase") from None
         raise ConfigError(f"key file {where} holds no readable PEM private key") from None
@@ -109,7 +116,9 @@ def check_key_permissions(path: Source) -> None:
     if os.name == "posix" and mode & 0o077:
         logging.getLogger("securechan").warning(
             "private key %r is readable by other users (mode %o); run: chmod 600 %s",
-            os.fspath(path), mode & 0o777, os.fspath(path),
+            os.fspath(path),
+            mode & 0o777,
+            os.fspath(path),
         )
 
 
@@ -131,7 +140,7 @@ def parse_pin(pin: str) -> bytes:
     body = text
     for prefix in ("sha256:", "sha256/", "SHA256:", "SHA256/"):
         if text.startswith(prefix):
-            body = text[len(prefix):]
+            body = text[len(prefix) :]
             break
     digest: bytes | None = None
     try:
@@ -153,7 +162,10 @@ def parse_pin(pin: str) -> bytes:
 
 def check_key_matches(cert: x509.Certificate, key: PrivateKey, where: str) -> None:
     if public_key_der(cert.public_key()) != public_key_der(key.public_key()):  # type: ignore[arg-type]
-        raise ConfigError(f"the private key does not match the certificate in {where}; check that certfile and keyfile belong together")
+        raise ConfigError(
+            f"the private key does not match the certificate in {where}; "
+            "check that certfile and keyfile belong together"
+        )
 
 
 def describe(cert: x509.Certificate) -> str:
@@ -188,7 +200,7 @@ def make_store(certs: Sequence[x509.Certificate]) -> xv.Store:
 
 
 def _utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def parse_chain(chain_der: Sequence[bytes], who: str) -> list[x509.Certificate]:
@@ -197,8 +209,13 @@ def parse_chain(chain_der: Sequence[bytes], who: str) -> list[x509.Certificate]:
         for cert in chain:
             # Fields are parsed lazily; touch those verification and its diagnostics read, so a
             # damaged name or extension is refused here rather than escaping later as ValueError.
-            _ = (cert.subject.rfc4514_string(), cert.issuer.rfc4514_string(), cert.extensions,
-                 cert.not_valid_before_utc, cert.not_valid_after_utc)
+            _ = (
+                cert.subject.rfc4514_string(),
+                cert.issuer.rfc4514_string(),
+                cert.extensions,
+                cert.not_valid_before_utc,
+                cert.not_valid_after_utc,
+            )
         return chain
     except ValueError:
         raise CertificateError(f"the {who} sent a certificate that is not valid DER X.509") from None
@@ -242,8 +259,16 @@ def verify_server_chain(
     error = attempt(server_name, at)
     if error is None:
         return
-    _diagnose(leaf, "server", server_name, at, error, cafile_desc,
-              lambda name, when: attempt(name, when) is None, ExtendedKeyUsageOID.SERVER_AUTH)
+    _diagnose(
+        leaf,
+        "server",
+        server_name,
+        at,
+        error,
+        cafile_desc,
+        lambda name, when: attempt(name, when) is None,
+        ExtendedKeyUsageOID.SERVER_AUTH,
+    )
 
 
 def verify_client_chain(
@@ -266,8 +291,16 @@ def verify_client_chain(
     result = attempt("", at)
     if not isinstance(result, str):
         return result
-    _diagnose(leaf, "client", None, at, result, cafile_desc,
-              lambda name, when: not isinstance(attempt(name, when), str), ExtendedKeyUsageOID.CLIENT_AUTH)
+    _diagnose(
+        leaf,
+        "client",
+        None,
+        at,
+        result,
+        cafile_desc,
+        lambda name, when: not isinstance(attempt(name, when), str),
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+    )
     raise AssertionError("unreachable")  # _diagnose always raises
 
 
@@ -300,8 +333,10 @@ def _diagnose(
     inside = end - one_second if at > end else start + one_second if at < start else at
     name_ok_at = wanted_name if wanted_name is not None else ""
     if not start <= at <= end:
-        also = "" if passes(name_ok_at, inside) else (
-            f"; it does not verify against {cafile_desc} even inside its validity period either"
+        also = (
+            ""
+            if passes(name_ok_at, inside)
+            else (f"; it does not verify against {cafile_desc} even inside its validity period either")
         )
         if at > end:
             raise CertificateExpiredError(
@@ -326,7 +361,6 @@ def _diagnose(
         f"certificate for {label!r} (issued by {issuer!r}) does not chain to a CA trusted by "
         f"{cafile_desc}: {error}; check that the {who} sends its full chain and that the right CA file is configured"
     )
-
 
 
 def read_passphrase(env: str | None = None, file: Source | None = None) -> bytes | None:

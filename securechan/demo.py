@@ -40,8 +40,10 @@ async def demo(megabytes: int = 256) -> int:
         (d / "server.crt").write_bytes(pki.cert_pem(cert))
         (d / "server.key").write_bytes(pki.key_pem(key))
         os.chmod(d / "server.key", 0o600)
-        print(f"1. made a throwaway CA and an RSA-2048 server certificate for localhost/127.0.0.1 "
-              f"({(time.perf_counter() - t0) * 1000:.0f} ms) in {d}")
+        print(
+            f"1. made a throwaway CA and an RSA-2048 server certificate for localhost/127.0.0.1 "
+            f"({(time.perf_counter() - t0) * 1000:.0f} ms) in {d}"
+        )
 
         size = megabytes * 1024 * 1024
         chunk = os.urandom(1 << 20)
@@ -60,8 +62,9 @@ async def demo(megabytes: int = 256) -> int:
             await writer.drain()
             writer.close()
 
-        server = await start_server(handle, "127.0.0.1", 0,
-                                    config=ServerConfig(certfile=d / "server.crt", keyfile=d / "server.key"))
+        server = await start_server(
+            handle, "127.0.0.1", 0, config=ServerConfig(certfile=d / "server.crt", keyfile=d / "server.key")
+        )
         port = server.sockets[0].getsockname()[1]
         print(f"2. securechan server listening on 127.0.0.1:{port} (event loop: {loop_name})")
         async with server:
@@ -74,7 +77,10 @@ async def demo(megabytes: int = 256) -> int:
             print(f"   protocol version : securechan/{info.version}")
             print(f"   cipher suite     : {info.suite} (key wrap RSA-OAEP-SHA256, X25519 forward secrecy)")
             print(f"   peer certificate : CN/SAN {describe(peer)!r}, issued by {peer.issuer.rfc4514_string()!r}")
-            print(f"                      valid until {peer.not_valid_after_utc:%Y-%m-%d}, pin {format_pin(spki_sha256(peer))}")
+            print(
+                f"                      valid until {peer.not_valid_after_utc:%Y-%m-%d}, "
+                f"pin {format_pin(spki_sha256(peer))}"
+            )
             print(f"   record size      : {info.max_record_size} bytes")
 
             sent = hashlib.sha256()
@@ -96,8 +102,12 @@ async def demo(megabytes: int = 256) -> int:
             await writer.wait_closed()
         up_ok = server_got.get("sha") == sent.hexdigest()
         down_ok = n == size and got.hexdigest() == hashlib.sha256(chunk * (size // len(chunk))).hexdigest()
-        print(f"4. moved {megabytes} MiB each way, SHA-256 verified at the far end: "
-              f"client->server {'OK' if up_ok else 'MISMATCH'}, server->client {'OK' if down_ok else 'MISMATCH'}")
-        print(f"   throughput       : client->server {size / t_up / 1e9:.2f} GB/s, "
-              f"server->client {size / t_down / 1e9:.2f} GB/s (one connection, one process, loopback)")
+        print(
+            f"4. moved {megabytes} MiB each way, SHA-256 verified at the far end: "
+            f"client->server {'OK' if up_ok else 'MISMATCH'}, server->client {'OK' if down_ok else 'MISMATCH'}"
+        )
+        print(
+            f"   throughput       : client->server {size / t_up / 1e9:.2f} GB/s, "
+            f"server->client {size / t_down / 1e9:.2f} GB/s (one connection, one process, loopback)"
+        )
         return 0 if up_ok and down_ok else 1

@@ -235,8 +235,10 @@ _REMOTE_HINTS: dict[AlertCode, str] = {
     AlertCode.RECORD_OVERFLOW: "the peer received a record larger than it accepts",
     AlertCode.HANDSHAKE_FAILURE: "the peer shares no cipher suite or key-wrap method with us",
     AlertCode.BAD_CERTIFICATE: "the peer rejected our certificate",
-    AlertCode.UNSUPPORTED_CERTIFICATE: "the peer rejected our certificate: it is not valid for this use (check its extended key usage)",
-    AlertCode.CERTIFICATE_REVOKED: "the peer rejected our certificate: its public key does not match the pin the peer expects",
+    AlertCode.UNSUPPORTED_CERTIFICATE: "the peer rejected our certificate: it is not valid for this use "
+    "(check its extended key usage)",
+    AlertCode.CERTIFICATE_REVOKED: "the peer rejected our certificate: its public key does not match "
+    "the pin the peer expects",
     AlertCode.CERTIFICATE_EXPIRED: "the peer rejected our certificate as expired or not yet valid",
     AlertCode.CERTIFICATE_UNKNOWN: "the peer rejected our certificate: it is not valid for the name the peer asked for",
     AlertCode.ILLEGAL_PARAMETER: "the peer received a message with a forbidden value",
