@@ -80,8 +80,15 @@ def ratio_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
         for conc in hs["securechan"]:
             rows.append(_row(f"full handshakes/s, concurrency {conc}", hs["securechan"][conc]["rate"], "TLS 1.3",
                              hs["ssl"][conc]["rate"], 1.5))
-        rows.append(_row("handshake p50 latency, sequential", hs["securechan"]["1"]["p50"], "TLS 1.3",
-                         hs["ssl"]["1"]["p50"], 1.0, lower_is_better=True))
+        first = min(hs["securechan"], key=int)
+        rows.append(_row(f"handshake p50 latency, concurrency {first}", hs["securechan"][first]["p50"], "TLS 1.3",
+                         hs["ssl"][first]["p50"], 1.0, lower_is_better=True))
+        if "securechan-resumed" in hs:
+            for conc in hs["securechan-resumed"]:
+                rows.append(_row(f"resumed handshakes/s, concurrency {conc}", hs["securechan-resumed"][conc]["rate"],
+                                 "TLS 1.3 full", hs["ssl"][conc]["rate"], None))
+                rows.append(_row(f"resumed handshakes/s, concurrency {conc}", hs["securechan-resumed"][conc]["rate"],
+                                 "securechan full", hs["securechan"][conc]["rate"], None))
     t = r.get("tunnel") or {}
     for fig, label, peer, target in (("iperf3", "tunnel iperf3", "stunnel", 1.0),
                                      ("redis_ping_c50", "tunnel redis PING c=50", "spiped", 1.0),
@@ -169,7 +176,10 @@ def plots(r: dict[str, Any], out: Path, stamp: str) -> list[Path]:
     hs = r.get("handshakes")
     if hs and "securechan" in hs:
         fig, ax = plt.subplots(figsize=(8, 5))
-        for kind, label in (("securechan", "securechan full handshake"), ("ssl", "asyncio + ssl, TLS 1.3")):
+        for kind, label in (("securechan", "securechan full handshake"), ("ssl", "asyncio + ssl, TLS 1.3 full"),
+                            ("securechan-resumed", "securechan resumed")):
+            if kind not in hs:
+                continue
             concs = sorted(int(c) for c in hs[kind])
             med = [hs[kind][str(c)]["rate"]["median"] for c in concs]
             lo = [m - hs[kind][str(c)]["rate"]["min"] for m, c in zip(med, concs, strict=True)]

@@ -63,9 +63,13 @@ class Contenders:
         self.pki = pki
         kw: dict[str, Any] = {"max_record_size": max_record_size} if max_record_size else {}
         self.server_cfg: Any = pki.server_config(**kw)
-        self.client_cfg: Any = pki.client_config(**kw)
+        #: Full handshakes only: a client that would resume is told not to (when resumption exists).
+        self.resumption = "resume" in getattr(securechan.ClientConfig, "__dataclass_fields__", {})
+        self.client_cfg: Any = pki.client_config(**kw, **({"resume": False} if self.resumption else {}))
+        self.resuming_cfg: Any = pki.client_config(**kw) if self.resumption else None
         self.ssl_server = pki.ssl_server_context()
         self.ssl_client = pki.ssl_client_context()
+        self.resumed = 0
 
     async def listen(self, kind: str, factory: Factory) -> asyncio.Server:
         loop = asyncio.get_running_loop()
@@ -86,6 +90,11 @@ class Contenders:
                                                 server_hostname="127.0.0.1")
         if kind == "securechan":
             return await securechan.create_connection(factory, "127.0.0.1", port, config=self.client_cfg)
+        if kind == "securechan-resumed":
+            transport, proto = await securechan.create_connection(factory, "127.0.0.1", port,
+                                                                   config=self.resuming_cfg)
+            self.resumed += bool(transport.get_extra_info("securechan").resumed)
+            return transport, proto
         raise ValueError(kind)
 
 
@@ -210,7 +219,11 @@ async def memory(spec: dict[str, Any], c: Contenders) -> dict[str, Any]:
 
 async def handshakes(spec: dict[str, Any], c: Contenders) -> dict[str, Any]:
     """Handshake rate and latency per kind and concurrency; kinds interleaved run by run."""
-    kinds, ports, count = spec["kinds"], spec["ports"], spec["count"]
+    kinds, ports, count = spec["kinds"], dict(spec["ports"]), spec["count"]
+    if "securechan-resumed" in kinds:
+        ports["securechan-resumed"] = ports["securechan"]
+        await c.connect("securechan-resumed", ports["securechan"], asyncio.Protocol)  # first ticket
+        c.resumed = 0
     out: dict[str, Any] = {k: {str(cc): {"rate": [], "p50": [], "p99": []} for cc in spec["concurrency"]}
                            for k in kinds}
 
@@ -240,6 +253,8 @@ async def handshakes(spec: dict[str, Any], c: Contenders) -> dict[str, Any]:
                     o["rate"].append(count / dt)
                     o["p50"].append(percentile(lat, 50))
                     o["p99"].append(percentile(lat, 99))
+    if "securechan-resumed" in kinds:
+        out["resumed_count"] = c.resumed  # how many "resumed" handshakes really resumed
     return out
 
 

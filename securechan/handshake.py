@@ -483,13 +483,8 @@ class ServerHandshake:
         self._expect = Finished
         return Step(frames=[sh_frame, fin])
 
-    def _on_resumed_finished(self, fin: Finished, frame: bytes) -> Step:
-        if not hmac.compare_digest(finished_mac(self._s["c finished"], self._transcript.digest()), fin.mac):
-            raise HandshakeAuthError(
-                "the client's Finished MAC did not verify in a resumed handshake: the client does not hold "
-                "the ticket's key, or the handshake was altered in transit"
-            )
-        self._transcript.add(frame)
+    def _take_secrets(self, resumed: bool) -> Secrets:
+        """Hand the derived secrets to the record layer and forget them here; the handshake is over."""
         secrets = Secrets(
             version=self._version,
             suite=self._suite,
@@ -499,11 +494,20 @@ class ServerHandshake:
             resumption=self._s["resumption"],
             send_record_limit=min(self._client_max_record, self.config.max_record_size),
             peer_chain=self._client_chain,
-            resumed=True,
+            resumed=resumed,
         )
         self._s = {}
         self._expect = type(None)
-        return Step(secrets=secrets, complete=True)
+        return secrets
+
+    def _on_resumed_finished(self, fin: Finished, frame: bytes) -> Step:
+        if not hmac.compare_digest(finished_mac(self._s["c finished"], self._transcript.digest()), fin.mac):
+            raise HandshakeAuthError(
+                "the client's Finished MAC did not verify in a resumed handshake: the client does not hold "
+                "the ticket's key, or the handshake was altered in transit"
+            )
+        self._transcript.add(frame)
+        return Step(secrets=self._take_secrets(resumed=True), complete=True)
 
     def _on_finished(self, fin: Finished, frame: bytes) -> Step:
         if self._resumption is not None:
@@ -521,17 +525,6 @@ class ServerHandshake:
         self._transcript.add(frame)
         th2 = self._transcript.digest()
         out = handshake_frame(Finished(mac=finished_mac(self._s["s finished"], th2)))
-        secrets = Secrets(
-            version=self._version,
-            suite=self._suite,
-            client_traffic=self._s["c ap traffic"],
-            server_traffic=self._s["s ap traffic"],
-            exporter=self._s["exporter"],
-            resumption=self._s["resumption"],
-            send_record_limit=min(self._client_max_record, self.config.max_record_size),
-            peer_chain=self._client_chain,
-        )
-        self._s = {}
-        self._expect = type(None)
+        secrets = self._take_secrets(resumed=False)
         return Step(frames=[out], secrets=secrets, complete=True)
 

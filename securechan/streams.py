@@ -10,7 +10,7 @@ from typing import Any
 
 from .config import ClientConfig, ServerConfig
 from .connection import Connection
-from .errors import ConfigError, SecureChannelError, TruncationError
+from .errors import ConfigError, TruncationError
 from .protocol import SecureProtocol, SecureTransport
 
 log = logging.getLogger("securechan")
@@ -95,6 +95,18 @@ async def create_unix_connection(
     )
 
 
+async def _open_streams(
+    create: Callable[..., Awaitable[tuple[SecureTransport, asyncio.BaseProtocol]]],
+    *args: Any,
+    limit: int,
+    **kwds: Any,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=limit, loop=loop)
+    transport, protocol = await create(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), *args, **kwds)
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)  # type: ignore[arg-type]
+
+
 async def open_connection(
     host: str | None = None,
     port: int | None = None,
@@ -106,18 +118,10 @@ async def open_connection(
     **kwds: Any,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Like ``asyncio.open_connection``: returns (reader, writer) after the handshake completed."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=limit, loop=loop)
-    transport, protocol = await create_connection(
-        lambda: asyncio.StreamReaderProtocol(reader, loop=loop),
-        host,
-        port,
-        config=config,
-        server_name=server_name,
-        handshake_timeout=handshake_timeout,
-        **kwds,
+    return await _open_streams(
+        create_connection, host, port, limit=limit, config=config, server_name=server_name,
+        handshake_timeout=handshake_timeout, **kwds,
     )
-    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)  # type: ignore[arg-type]
 
 
 async def open_unix_connection(
@@ -129,17 +133,11 @@ async def open_unix_connection(
     handshake_timeout: float | None = None,
     **kwds: Any,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=limit, loop=loop)
-    transport, protocol = await create_unix_connection(
-        lambda: asyncio.StreamReaderProtocol(reader, loop=loop),
-        path,
-        config=config,
-        server_name=server_name,
-        handshake_timeout=handshake_timeout,
-        **kwds,
+    """Like ``asyncio.open_unix_connection``; ``server_name`` is required when verifying against a CA."""
+    return await _open_streams(
+        create_unix_connection, path, limit=limit, config=config, server_name=server_name,
+        handshake_timeout=handshake_timeout, **kwds,
     )
-    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)  # type: ignore[arg-type]
 
 
 def _log_handshake_failure(proto: SecureProtocol, exc: BaseException) -> None:
@@ -287,17 +285,3 @@ async def start_unix_server(
         handshake_timeout=handshake_timeout, **kwds,
     )
 
-
-__all__ = [
-    "SecureChannelError",
-    "create_connection",
-    "create_server",
-    "create_unix_connection",
-    "create_unix_server",
-    "open_connection",
-    "open_unix_connection",
-    "reload_server",
-    "server_config",
-    "start_server",
-    "start_unix_server",
-]

@@ -332,7 +332,25 @@ class SessionStats:
     fallbacks: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
-class ServerTickets:
+class _Counted:
+    """Shared counters of a ServerTickets or TicketCache (``stats``), guarded by ``_lock``."""
+
+    stats: SessionStats
+    _lock: threading.Lock
+
+    def count_handshake(self, resumed: bool) -> None:
+        with self._lock:
+            if resumed:
+                self.stats.resumed += 1
+            else:
+                self.stats.full += 1
+
+    def count_fallback(self, status: TicketStatus) -> None:
+        with self._lock:
+            self.stats.fallbacks[status.reason] += 1
+
+
+class ServerTickets(_Counted):
     """Issues and checks the tickets of one ServerConfig."""
 
     def __init__(
@@ -417,17 +435,6 @@ class ServerTickets:
             self._seen[ticket_id] = contents.expires_ms
             return True
 
-    def count_handshake(self, resumed: bool) -> None:
-        with self._lock:
-            if resumed:
-                self.stats.resumed += 1
-            else:
-                self.stats.full += 1
-
-    def count_fallback(self, status: TicketStatus) -> None:
-        with self._lock:
-            self.stats.fallbacks[status.reason] += 1
-
 
 @dataclass
 class CachedSession:
@@ -447,7 +454,7 @@ def client_expiry(received: float, lifetime: float) -> float:
     return received + lifetime - min(CLIENT_MARGIN_MAX, lifetime / 10)
 
 
-class TicketCache:
+class TicketCache(_Counted):
     """The client's tickets, keyed by (host, port, server name); each ticket is handed out once."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -505,14 +512,3 @@ class TicketCache:
     def __len__(self) -> int:
         with self._lock:
             return sum(len(v) for v in self._entries.values())
-
-    def count_handshake(self, resumed: bool) -> None:
-        with self._lock:
-            if resumed:
-                self.stats.resumed += 1
-            else:
-                self.stats.full += 1
-
-    def count_fallback(self, status: TicketStatus) -> None:
-        with self._lock:
-            self.stats.fallbacks[status.reason] += 1

@@ -51,6 +51,8 @@ def test_channel_sections_and_outputs(tmp_path: Path) -> None:
     assert set(r["record_size"]) == {"16384", "65536"}
     assert _is_summary(r["many"]["uvloop"]["securechan"])
     assert _is_summary(r["handshakes"]["securechan"]["2"]["rate"])
+    if "securechan-resumed" in r["handshakes"]:
+        assert _is_summary(r["handshakes"]["securechan-resumed"]["2"]["rate"])
     figures = {row["figure"] for row in r["ratios"]}
     assert "bulk client→server, uvloop" in figures
     assert any(f.startswith("full handshakes/s") for f in figures)

@@ -31,6 +31,30 @@ async def expect_client_error(
     return info.value
 
 
+async def hello_from_raw_server(
+    client_config: securechan.ClientConfig, exc_type: type, **fields: object
+) -> tuple[BaseException, list[int]]:
+    """A raw server answers the ClientHello with a ServerHello built from ``fields``; return the
+    client's error and the alerts the server received."""
+    from securechan.messages import ServerHello
+
+    alerts: list[int] = []
+    values: dict = dict(version=1, random=os.urandom(32), suite=1, key_wrap=1, x25519=os.urandom(32), max_record=65536)
+    values.update(fields)
+
+    async def bad_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_frame(reader)
+        writer.write(encode_frame(FrameType.HANDSHAKE, pack_map(ServerHello(**values).encode())))
+        await writer.drain()
+        alerts.append(await read_alert(reader))
+
+    server, port = await raw_server(bad_server)
+    async with server:
+        err = await expect_client_error(port, client_config, exc_type)
+        await asyncio.sleep(0.1)
+    return err, alerts
+
+
 # -- certificate checks ---------------------------------------------------------------------
 
 
@@ -84,32 +108,12 @@ async def test_wrong_usage_client_certificate_presented_by_server(pki_dir, clien
     """ServerConfig refuses a client-only certificate, so a raw server presents one on the wire."""
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    from securechan.messages import ServerHello
-
     cert, _ = pki.issue_cert(pki_dir.ca, "localhost", ips=["127.0.0.1"], client=True)
-    code: list[int] = []
-
-    async def bad_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_frame(reader)
-        sh = ServerHello(
-            version=1,
-            random=os.urandom(32),
-            suite=1,
-            key_wrap=1,
-            x25519=os.urandom(32),
-            max_record=65536,
-            certificates=(cert.public_bytes(Encoding.DER),),
-        )
-        writer.write(encode_frame(FrameType.HANDSHAKE, pack_map(sh.encode())))
-        await writer.drain()
-        code.append(await read_alert(reader))
-
-    server, port = await raw_server(bad_server)
-    async with server:
-        err = await expect_client_error(port, client_config, securechan.WrongUsageError)
-        await asyncio.sleep(0.1)
+    err, alerts = await hello_from_raw_server(
+        client_config, securechan.WrongUsageError, certificates=(cert.public_bytes(Encoding.DER),)
+    )
     assert "clientAuth" in str(err) and "serverAuth is required" in str(err) and err.reason == "wrong usage"
-    assert code == [securechan.AlertCode.UNSUPPORTED_CERTIFICATE]
+    assert alerts == [securechan.AlertCode.UNSUPPORTED_CERTIFICATE]
 
 
 async def test_pin_mismatch_and_match(serve, pki_dir, server_config) -> None:
@@ -170,29 +174,10 @@ async def test_no_common_version_refused_cleanly(serve, server_config) -> None:
 
 async def test_client_rejects_server_choosing_unoffered_version(server_config, client_config) -> None:
     """A server answering with a version the client did not offer is refused with a typed error."""
-    from securechan.messages import ServerHello
-
-    async def bad_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_frame(reader)
-        sh = ServerHello(
-            version=9,
-            random=os.urandom(32),
-            suite=1,
-            key_wrap=1,
-            x25519=os.urandom(32),
-            max_record=65536,
-            certificates=server_config._chain_der,
-        )
-        writer.write(encode_frame(FrameType.HANDSHAKE, pack_map(sh.encode())))
-        await writer.drain()
-        code.append(await read_alert(reader))
-
-    code: list[int] = []
-    server, port = await raw_server(bad_server)
-    async with server:
-        await expect_client_error(port, client_config, securechan.NoCommonVersionError)
-        await asyncio.sleep(0.1)
-    assert code == [securechan.AlertCode.PROTOCOL_VERSION]
+    _, alerts = await hello_from_raw_server(
+        client_config, securechan.NoCommonVersionError, certificates=server_config._chain_der, version=9
+    )
+    assert alerts == [securechan.AlertCode.PROTOCOL_VERSION]
 
 
 # -- record layer ---------------------------------------------------------------------------
