@@ -163,6 +163,11 @@ def plots(r: dict[str, Any], out: Path, stamp: str) -> list[Path]:
         ax.axvline(r["default_record_size"] / 1024, color="grey", linestyle="--", linewidth=1,
                    label="default record size")
         ax.set_xscale("log", base=2)
+        sizes_kib = {int(s) // 1024 for s in (r.get("record_size") or {})}
+        for per in (r.get("cipher") or {}).values():
+            sizes_kib |= {int(s) // 1024 for s in per}
+        ticks = sorted(sizes_kib)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("record size (KiB)")
         ax.set_ylabel("GB/s (median; bars: min…max)")
         ax.set_title("securechan throughput vs record size")
@@ -186,6 +191,8 @@ def plots(r: dict[str, Any], out: Path, stamp: str) -> list[Path]:
             hi = [hs[kind][str(c)]["rate"]["max"] - m for m, c in zip(med, concs, strict=True)]
             ax.errorbar(concs, med, yerr=[lo, hi], fmt="-o", capsize=3, label=label)
         ax.set_xscale("log", base=2)
+        concs = sorted({int(c) for c in hs["securechan"]})
+        ax.set_xticks(concs, [str(c) for c in concs])
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel("handshakes per second (median; bars: min…max)")
         ax.set_title("handshake rate vs concurrency (RSA-2048, CA chain checked)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import signal
@@ -29,6 +30,7 @@ KiB, MiB = 1024, 1024 * 1024
 
 @dataclass(frozen=True)
 class Plan:
+    name: str
     runs: int
     warmup: int
     cipher_sizes: tuple[int, ...]
@@ -45,17 +47,17 @@ class Plan:
     loops: tuple[str, ...] = ("asyncio", "uvloop")
 
 
-FULL = Plan(runs=5, warmup=1, cipher_sizes=(KiB, 4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, MiB),
+FULL = Plan(name="full", runs=5, warmup=1, cipher_sizes=(KiB, 4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, MiB),
             cipher_suites=tuple(Suite), cipher_volume=32 * MiB, bulk_bytes=256 * MiB,
             record_sizes=(16 * KiB, 32 * KiB, 64 * KiB, 128 * KiB, 256 * KiB, MiB), latency_count=2000,
             many_bytes=256 * MiB, streams=64, idle_connections=1000, handshake_count=300,
             concurrency=(1, 4, 8, 16, 32))
-QUICK = Plan(runs=3, warmup=1, cipher_sizes=(KiB, 16 * KiB, 64 * KiB, 256 * KiB, MiB),
+QUICK = Plan(name="quick", runs=3, warmup=1, cipher_sizes=(KiB, 16 * KiB, 64 * KiB, 256 * KiB, MiB),
              cipher_suites=(Suite.AES_256_GCM,), cipher_volume=8 * MiB, bulk_bytes=64 * MiB,
              record_sizes=(16 * KiB, 64 * KiB, 256 * KiB), latency_count=500, many_bytes=64 * MiB, streams=64,
              idle_connections=1000, handshake_count=100, concurrency=(1, 32))
 #: For the smoke test: every code path, tiny sizes, meaningless numbers.
-TINY = Plan(runs=1, warmup=1, cipher_sizes=(KiB, 64 * KiB), cipher_suites=(Suite.AES_256_GCM,),
+TINY = Plan(name="tiny", runs=1, warmup=1, cipher_sizes=(KiB, 64 * KiB), cipher_suites=(Suite.AES_256_GCM,),
             cipher_volume=256 * KiB, bulk_bytes=512 * KiB, record_sizes=(16 * KiB, 64 * KiB), latency_count=10,
             many_bytes=512 * KiB, streams=4, idle_connections=20, handshake_count=4, concurrency=(1, 2))
 
@@ -67,6 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections, from {','.join(SECTIONS)}")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="folder for JSON and PNGs")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--record-sizes", help="record sizes in KiB for the record_size section, e.g. 16,64,256,1024")
     return p.parse_args(argv)
 
 
@@ -161,7 +164,7 @@ class Runner:
         resumption = "tickets" in getattr(securechan.ServerConfig, "__dataclass_fields__", {})
         kinds = ["ssl", "securechan", *(["securechan-resumed"] if resumption else [])]
         self.note("handshakes (uvloop)")
-        with procs.server(self.base(loop="uvloop", kinds=kinds)) as srv:
+        with procs.server(self.base(loop="uvloop", kinds=["ssl", "securechan"])) as srv:
             got = procs.client(self.base(task="handshakes", loop="uvloop", kinds=kinds, ports=srv["ports"],
                                          count=self.plan.handshake_count, concurrency=list(self.plan.concurrency)))
         self.step()
@@ -179,9 +182,9 @@ class Runner:
         return out
 
     def tunnel(self) -> Any:
-        tiny = self.plan is TINY
-        runs, warmup = (1, 0) if tiny else (self.plan.runs if self.plan is FULL else 2, 1)
-        res = tunnel.measure(self.pki, self.work, quick=self.plan is not FULL, runs=runs, warmup=warmup,
+        tiny = self.plan.name == "tiny"
+        runs, warmup = (1, 0) if tiny else (self.plan.runs if self.plan.name == "full" else 2, 1)
+        res = tunnel.measure(self.pki, self.work, quick=self.plan.name != "full", runs=runs, warmup=warmup,
                              progress=self.note, tiny=tiny)
         self.step()
         return res
@@ -202,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = parse_args(argv)
     plan = TINY if args.tiny else QUICK if args.quick else FULL
+    if args.record_sizes:
+        plan = dataclasses.replace(plan, record_sizes=tuple(int(k) * KiB for k in args.record_sizes.split(",")))
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:

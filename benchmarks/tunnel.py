@@ -246,9 +246,9 @@ def measure(pki: BenchPKI, work: Path, quick: bool, runs: int, warmup: int,
             services.start(["redis-server", "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
                             "--appendonly", "no", "--protected-mode", "no", "--maxclients", "10000"], SERVER_CPU)
             wait_port(redis_port)
-        seconds = 1.0 if tiny else 2.0 if quick else 5.0
-        requests = 500 if tiny else 20_000 if quick else 100_000
-        new_conn_requests = 100 if tiny else 2_000 if quick else 10_000
+        seconds = 1.0 if tiny or quick else 3.0
+        requests = 500 if tiny else 10_000 if quick else 50_000
+        new_conn_requests = 100 if tiny else 500 if quick else 2_000
         for name, ctx in contenders.items():
             progress(f"tunnel: {name}")
             try:

@@ -70,6 +70,7 @@ class Contenders:
         self.ssl_server = pki.ssl_server_context()
         self.ssl_client = pki.ssl_client_context()
         self.resumed = 0
+        self.tickets_before = 0
 
     async def listen(self, kind: str, factory: Factory) -> asyncio.Server:
         loop = asyncio.get_running_loop()
@@ -91,11 +92,21 @@ class Contenders:
         if kind == "securechan":
             return await securechan.create_connection(factory, "127.0.0.1", port, config=self.client_cfg)
         if kind == "securechan-resumed":
+            self.tickets_before = self.resuming_cfg.session_stats.tickets
             transport, proto = await securechan.create_connection(factory, "127.0.0.1", port,
                                                                    config=self.resuming_cfg)
             self.resumed += bool(transport.get_extra_info("securechan").resumed)
             return transport, proto
         raise ValueError(kind)
+
+    async def await_ticket(self, transport: Any) -> None:
+        """The server's ticket follows its Finished: a resuming client keeps the connection until the
+        ticket for its next one arrived (as a real client does: it lives longer than a handshake)."""
+        stats = self.resuming_cfg.session_stats
+        for _ in range(1000):
+            if stats.tickets != self.tickets_before or transport.is_closing():
+                return
+            await asyncio.sleep(0.0005)
 
 
 # -- server -------------------------------------------------------------------------------
@@ -231,6 +242,8 @@ async def handshakes(spec: dict[str, Any], c: Contenders) -> dict[str, Any]:
         t0 = time.perf_counter()
         transport, _ = await c.connect(k, ports[k], asyncio.Protocol)
         lat.append(time.perf_counter() - t0)
+        if k == "securechan-resumed":
+            await c.await_ticket(transport)
         transport.close()
 
     for conc in spec["concurrency"]:

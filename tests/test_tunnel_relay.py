@@ -237,6 +237,37 @@ async def test_idle_timeout_closes_a_silent_connection(pki_dir, tunnel_log) -> N
     assert "closed: idle for 0.3 s" in lines(tunnel_log)
 
 
+async def test_idle_timeout_on_a_stalled_transfer_aborts_instead_of_closing(pki_dir, tunnel_log) -> None:
+    """A transfer that stalls past the idle timeout (a slow reader, or an attacker holding the path)
+    is cut with a reset, never closed cleanly: a prefix must not look like the whole stream."""
+    total = 8 * 1024 * 1024
+    received = 0
+    target_end: list[str] = []
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal received
+        await asyncio.sleep(1.5)  # longer than the idle timeout, while the tunnels hold data
+        try:
+            while data := await reader.read(65536):
+                received += len(data)
+            target_end.append("clean EOF")
+        except ConnectionResetError:
+            target_end.append("reset")
+        writer.close()
+
+    async with plain_target(slow) as port, pair(pki_dir, f"127.0.0.1:{port}", server={"idle_timeout": 0.5}) as (
+        srv, cli,
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+        writer.write(os.urandom(total))
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        await until(lambda: bool(target_end), 10)
+    assert received < total and target_end == ["reset"]
+    assert "stalled for 0.5 s" in lines(tunnel_log)
+
+
 async def test_max_lifetime_cuts_a_busy_connection(pki_dir, tunnel_log) -> None:
     async def chatty(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -21,8 +21,12 @@ reset (a ``ConnectionResetError``; ``TruncationError`` is one too). An applicati
 either end can therefore tell a complete stream from a cut one.
 
 Idle timeout, maximum lifetime and the shutdown deadline are enforced by the task that
-awaits the two pumps: idle closes both sides cleanly (nothing is in flight), the other
-two abort.
+awaits the two pumps. Activity is progress in either direction: a read, or a write that
+the far side accepted (``drain()`` returned). When the idle timer fires with nothing in
+flight, both sides are closed cleanly; when it fires on a *stalled* transfer (bytes held
+here, or a pump waiting for the far side to accept), both sides are aborted, because a
+clean close would deliver a prefix of the stream as if it were complete. The lifetime
+and shutdown deadlines always abort.
 """
 
 from __future__ import annotations
@@ -108,6 +112,7 @@ class Relay:
         self._last_activity = self.started
         self._pumps: list[asyncio.Task[None]] = []
         self._first_eof: str | None = None
+        self._writing = 0  # pumps waiting for the far side to accept a chunk
 
     # -- public -----------------------------------------------------------------------------
 
@@ -179,12 +184,16 @@ class Relay:
                 self.up += len(data)
             else:
                 self.down += len(data)
+            self._writing += 1
             try:
                 dst.writer.write(data)
                 await dst.writer.drain()
             except (OSError, SecureChannelError) as exc:
                 self.stop(f"{dst.label} went away while receiving ({_describe(exc)})")
                 return
+            finally:
+                self._writing -= 1
+            self._last_activity = self._loop.time()
         src.eof = True
         if self._first_eof is None:
             self._first_eof = src.label
@@ -209,7 +218,12 @@ class Relay:
         if self.max_lifetime is not None and now >= self.started + self.max_lifetime:
             self.stop(f"maximum connection lifetime ({self.max_lifetime:g} s) reached")
         elif self.idle_timeout is not None and now >= self._last_activity + self.idle_timeout:
-            self.stop(f"idle for {self.idle_timeout:g} s", abort=False)
+            held = self.held_bytes()
+            if self._writing or held:
+                self.stop(f"stalled for {self.idle_timeout:g} s with {held} bytes in flight; "
+                          "both sides aborted so the cut cannot pass for a complete stream")
+            else:
+                self.stop(f"idle for {self.idle_timeout:g} s", abort=False)
 
     async def _close_both(self) -> None:
         for side in (self.client, self.target):
