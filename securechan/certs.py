@@ -215,10 +215,14 @@ def parse_chain(chain_der: Sequence[bytes], who: str) -> list[x509.Certificate]:
                 cert.extensions,
                 cert.not_valid_before_utc,
                 cert.not_valid_after_utc,
+                cert.public_key(),
             )
         return chain
-    except ValueError:
-        raise CertificateError(f"the {who} sent a certificate that is not valid DER X.509") from None
+    except Exception as exc:  # ValueError, DuplicateExtension, UnsupportedGeneralNameType, UnsupportedAlgorithm...
+        raise CertificateError(
+            f"the {who} sent a certificate that cannot be used ({type(exc).__name__}): "
+            "it is not valid DER X.509, repeats an extension, or has an unsupported key or name type"
+        ) from None
 
 
 def check_pins(leaf: x509.Certificate, pins: Iterable[bytes], who: str) -> None:

@@ -34,6 +34,7 @@ from cryptography.x509 import verification as xv
 from .acl import AccessList, describe_identity
 from .certs import PrivateKey, describe, parse_chain, verify_client_chain
 from .errors import (
+    CertificateError,
     ConfigError,
     HandshakeAuthError,
     IllegalParameterError,
@@ -156,6 +157,8 @@ def evaluate_client(
             allow.check(chain[0])
     except SecureChannelError as exc:
         return (), exc
+    except Exception as exc:  # a hostile certificate must end in a refusal, never in an unexpected error
+        return (), CertificateError(f"the client's certificate could not be processed ({type(exc).__name__})")
     return tuple(chain), None
 
 

@@ -40,6 +40,7 @@ from .errors import (
     AlertCode,
     ConnectionClosedError,
     DecodeError,
+    InternalError,
     ProtocolError,
     SecureChannelError,
     TruncationError,
@@ -401,12 +402,19 @@ class Connection:
                     self._dispatch(ftype, head, body, events)
                 self._start = end
                 buf = self._buf
-        except SecureChannelError as exc:
-            self._fail(exc)
+        except Exception as exc:
+            # Only typed errors leave the connection: anything else is a defect, but it still
+            # fails closed (alert, FAILED, secrets wiped) rather than leaving a half-updated state.
+            error = exc if isinstance(exc, SecureChannelError) else InternalError(
+                f"internal error while processing a frame from the peer ({type(exc).__name__})"
+            )
+            self._fail(error)
             if events:
                 return events  # verified before the failure; ``error`` is raised next time
             self._error_raised = True
-            raise
+            if error is exc:
+                raise
+            raise error from exc
         if self._start == self._end:
             # Keep a grown buffer while traffic flows (reallocating it per read cost more than the
             # cipher, benchmarks/README.md); the I/O layer calls release_buffer() once idle.

@@ -332,3 +332,91 @@ async def test_server_keeps_serving_after_failures(serve, server_config, client_
     writer.write(b"still here")
     assert await reader.readexactly(10) == b"still here"
     writer.close()
+
+
+# -- hostile certificates -------------------------------------------------------------------
+
+
+def _self_signed_der(*extension_oids: str) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "hostile")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
+    for oid in extension_oids:
+        builder = builder.add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier(oid), b"\x05\x00"), False)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def hostile_certificates() -> dict[str, bytes]:
+    """DER that parses at first sight but breaks later: a repeated extension, an unknown key algorithm."""
+    two = _self_signed_der("1.2.3.4.77", "1.2.3.4.78")
+    i = two.find(bytes([0x2A, 0x03, 0x04, 0x4E]))  # encoded OID 1.2.3.4.78
+    duplicate = two[:i] + bytes([0x2A, 0x03, 0x04, 0x4D]) + two[i + 4 :]  # ... rewritten to 1.2.3.4.77
+    plain = _self_signed_der()
+    j = plain.find(bytes([0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x02, 0x01]))  # id-ecPublicKey
+    unknown_key = plain[: j + 6] + b"\x09" + plain[j + 7 :]
+    return {"duplicate extension": duplicate, "unknown key algorithm": unknown_key}
+
+
+@pytest.mark.parametrize("kind", ["duplicate extension", "unknown key algorithm"])
+async def test_hostile_server_certificate_is_a_typed_refusal(kind: str, client_config, server_config) -> None:
+    """Whatever certificate bytes a path attacker substitutes, the client fails with a CertificateError
+    and a bad_certificate alert, never with another exception type."""
+    der = hostile_certificates()[kind]
+    for config in (client_config, securechan.ClientConfig(pin="sha256:" + "00" * 32)):
+        err, alerts = await hello_from_raw_server(config, securechan.CertificateError, certificates=(der,))
+        assert type(err) is securechan.CertificateError and "cannot be used" in str(err)
+        assert alerts == [securechan.AlertCode.BAD_CERTIFICATE]
+
+
+@pytest.mark.parametrize("kind", ["duplicate extension", "unknown key algorithm"])
+def test_hostile_client_certificate_is_a_refusal_verdict(kind: str, pki_dir) -> None:
+    from securechan.certs import make_store
+    from securechan.clientauth import SUPPORTED_SCHEMES, evaluate_client
+
+    chain, error = evaluate_client(
+        [hostile_certificates()[kind]],
+        int(SUPPORTED_SCHEMES[0]),
+        b"sig",
+        b"\x00" * 32,
+        [int(s) for s in SUPPORTED_SCHEMES],
+        make_store([pki_dir.ca[0]]),
+        None,
+        "test CA",
+    )
+    assert chain == () and isinstance(error, securechan.CertificateError)
+
+
+def test_unexpected_exception_fails_closed(server_config, monkeypatch) -> None:
+    """A defect inside frame processing still ends in a typed error, an alert and a FAILED state."""
+    from securechan import handshake
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("defect")
+
+    monkeypatch.setattr(handshake.ServerHandshake, "handle", broken)
+    server = securechan.Connection(server_config)
+    client = securechan.Connection(securechan.ClientConfig(pin="sha256:" + "00" * 32), server_name="localhost")
+    with pytest.raises(securechan.InternalError, match="KeyError"):
+        server.receive_data(client.data_to_send())
+    assert server.state is securechan.State.FAILED
+    assert read_alert_code(server.data_to_send()) == securechan.AlertCode.INTERNAL_ERROR
+
+
+def read_alert_code(wire: bytes) -> int:
+    from securechan.frames import unpack_map
+
+    assert wire[1] == FrameType.ALERT
+    return int(unpack_map(wire[HEADER_LEN:], 64)["code"])
