@@ -82,10 +82,11 @@ class Secrets:
 
     version: int
     suite: Suite
-    client_traffic: bytes
-    server_traffic: bytes
-    exporter: bytes
-    resumption: bytes
+    # Secrets never appear in a repr (logs, tracebacks with locals).
+    client_traffic: bytes = field(repr=False)
+    server_traffic: bytes = field(repr=False)
+    exporter: bytes = field(repr=False)
+    resumption: bytes = field(repr=False)
     send_record_limit: int
     peer_chain: tuple[x509.Certificate, ...] = ()
     resumed: bool = False
@@ -95,7 +96,7 @@ class Secrets:
 class Step:
     frames: list[bytes] = field(default_factory=list)
     #: Set when traffic secrets become available (client: after its Finished; server: after the client's).
-    secrets: Secrets | None = None
+    secrets: Secrets | None = field(default=None, repr=False)
     #: True when the peer's Finished has been verified.
     complete: bool = False
 

@@ -68,7 +68,7 @@ def _binder_ok(frame: bytes, binder: bytes, psk: bytes) -> bool:
 class Resumption:
     """An accepted ticket: what the resumed session is built from."""
 
-    psk: bytes
+    psk: bytes = dataclasses.field(repr=False)
     version: int
     suite: int
     client_chain: tuple[x509.Certificate, ...]

@@ -105,7 +105,7 @@ class TicketStatus(enum.IntEnum):
 class TicketContents:
     """What a ticket carries (the plaintext inside the AEAD)."""
 
-    psk: bytes
+    psk: bytes = field(repr=False)
     version: int
     suite: int
     server_name: str | None
@@ -441,7 +441,7 @@ class CachedSession:
     """A ticket as the client keeps it."""
 
     ticket: bytes
-    psk: bytes
+    psk: bytes = field(repr=False)
     version: int
     suite: int
     #: The server's chain as verified in the handshake that led to this ticket.

@@ -222,4 +222,38 @@ def test_tickets_only_for_clients_that_keep_them(server_config, pki_dir) -> None
         finished_len = HEADER_LEN + int.from_bytes(after_finished[3:7], "big")
         assert (len(after_finished) > finished_len) is expect_ticket
         client.receive_data(after_finished)
-        assert (len(pki_dir.client_config().session_cache) == 0)  # a fresh config starts cold
+        assert len(pki_dir.client_config().session_cache) == 0  # a fresh config starts cold
+
+
+def test_secrets_never_in_reprs(server_config, pki_dir) -> None:
+    """Key material stays out of reprs, so logs and tracebacks with locals cannot leak it."""
+    from securechan.handshake import Secrets, Step
+    from securechan.resumption import Resumption
+    from securechan.suites import Suite
+    from securechan.tickets import CachedSession, TicketContents
+
+    marker = b"\xde\xad\xbe\xef" * 8
+    secrets = Secrets(
+        version=1,
+        suite=Suite.AES_256_GCM,
+        client_traffic=marker,
+        server_traffic=marker,
+        exporter=marker,
+        resumption=marker,
+        send_record_limit=1024,
+    )
+    objects = [
+        secrets,
+        Step(secrets=secrets),
+        Resumption(psk=marker, version=1, suite=1, client_chain=()),
+        TicketContents(psk=marker, version=1, suite=1, server_name=None, client_chain=()),
+        CachedSession(ticket=b"t", psk=marker, version=1, suite=1, server_chain=(), expires=0.0),
+        pki_dir.client_config(),
+    ]
+    for obj in objects:
+        text = repr(obj)
+        assert repr(marker)[2:-1] not in text and marker.hex() not in text, type(obj).__name__
+    # a live connection: its session info and the configs carry no secrets in their reprs
+    client, server = pair(server_config, pki_dir.client_config())
+    handshake(client, server)
+    assert "exporter" not in repr(client.session).lower().replace("export_keying_material", "")
