@@ -242,6 +242,19 @@ class ServerConfig(_Common):
             single_use=self.ticket_single_use,
         ))
 
+    def continue_from(self, previous: ServerConfig | None) -> None:
+        """Take over ``previous``'s ticket state when this config replaces it (reload).
+
+        With the same ticket settings, the ticket keys, the single-use memory and the counters
+        carry over, so a reload neither invalidates tickets nor lets a single-use ticket be used
+        once more. With different settings this config keeps its own fresh state.
+        """
+        settings = ("tickets", "ticket_lifetime", "ticket_key_file", "ticket_rotation", "ticket_single_use")
+        if previous is None or previous._tickets is None:
+            return
+        if all(getattr(self, s) == getattr(previous, s) for s in settings):
+            _set(self, "_tickets", previous._tickets)
+
     @property
     def session_stats(self) -> SessionStats:
         """Counters: resumed and full handshakes, tickets issued, fallbacks by reason."""

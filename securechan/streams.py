@@ -200,6 +200,7 @@ def reload_server(server: asyncio.AbstractServer, new_config: ServerConfig) -> N
     factory = _SERVER_FACTORIES.get(server)
     if factory is None:
         raise ConfigError("reload_server: this server was not created by securechan.start_server/create_server")
+    new_config.continue_from(factory.config)
     factory.config = new_config
     log.info("server reloaded: now serving certificate for %s", new_config.certificate.subject.rfc4514_string())
 

@@ -6,8 +6,8 @@ Server side (:class:`ServerTickets`, one per :class:`~securechan.ServerConfig`).
 handshake the connection derives a per-ticket PSK from its resumption secret and a fresh
 ticket nonce, and asks :meth:`ServerTickets.seal` for a ticket. A ticket is::
 
-    ticket = format (1 byte, = 1) || key_id (8) || aead_nonce (12) || AES-256-GCM(ticket_key, aead_nonce,
-             plaintext, aad = format || key_id)
+    ticket = format (1 byte, = 1) || key_id (8) || salt (16) || AES-256-GCM(seal_key, nonce = 0^96,
+             plaintext, aad = format || key_id),   seal_key = HKDF(ticket_key, "ticket seal", salt)
 
 ``plaintext`` is a msgpack map holding the PSK, protocol version, suite, server name, the
 client's verified certificate chain (DER, when it authenticated) and issue/expiry times in
@@ -24,8 +24,9 @@ file (``securechan ticket-key rotate``).
 
 :meth:`ServerTickets.open` never raises on a bad ticket: it returns a :class:`TicketStatus`
 (unknown key, failed tag and malformed contents are one status, ``INVALID``, so they cannot
-be told apart). With ``ticket_single_use`` each ticket id (key id + AEAD nonce) is remembered
-until the ticket expires, and a second use is ``REPLAYED``.
+be told apart). With ``ticket_single_use`` each ticket id (key id + salt) is remembered
+until the ticket expires, and a second use is ``REPLAYED``; the ids live in a dict plus an
+insertion-ordered queue, so expired ones are dropped from the front without a rebuild.
 
 Client side (:class:`TicketCache`, one per :class:`~securechan.ClientConfig`). Tickets are
 kept per (host, port, server name), newest first, each used at most once (the server sends a
@@ -64,9 +65,10 @@ log = logging.getLogger("securechan")
 #: treats a ticket of a format it does not know as INVALID and runs a full handshake.
 TICKET_FORMAT = 1
 KEY_ID_LEN = 8
-AEAD_NONCE_LEN = 12
+SALT_LEN = 16
+_ZERO_NONCE = bytes(12)
 TICKET_SECRET_LEN = 32
-_HEAD_LEN = 1 + KEY_ID_LEN + AEAD_NONCE_LEN
+_HEAD_LEN = 1 + KEY_ID_LEN + SALT_LEN
 _TAG_LEN = 16
 
 #: Key file syntax: one key per line, ``sc1-ticket-key:<base64url of 32 bytes>``; ``#`` starts a comment.
@@ -153,22 +155,27 @@ def _ticket_int(value: object) -> int:
 
 
 class TicketKey:
-    """One ticket key: an AES-256-GCM key and the 8-byte id that names it, both derived from a secret."""
+    """One ticket key: the key that per-ticket AES-256-GCM keys come from, and the 8-byte id that names it."""
 
-    __slots__ = ("_aead", "key_id")
+    __slots__ = ("_secret", "key_id")
 
     def __init__(self, secret: bytes) -> None:
         if len(secret) != TICKET_SECRET_LEN:
             raise ConfigError(f"a ticket key must be {TICKET_SECRET_LEN} bytes")
         self.key_id = expand_label(secret, b"ticket key id", b"", KEY_ID_LEN)
-        self._aead = AESGCM(expand_label(secret, b"ticket key", b"", 32))
+        self._secret = expand_label(secret, b"ticket key", b"", 32)
 
-    def seal(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
-        return self._aead.encrypt(nonce, plaintext, aad)
+    def _aead(self, salt: bytes) -> AESGCM:
+        # One AES-256-GCM key per ticket, derived from a 128-bit random salt: a key is used for
+        # one encryption only, so no nonce bound applies however many tickets a key file seals.
+        return AESGCM(expand_label(self._secret, b"ticket seal", salt, 32))
 
-    def open(self, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes | None:
+    def seal(self, salt: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        return self._aead(salt).encrypt(_ZERO_NONCE, plaintext, aad)
+
+    def open(self, salt: bytes, ciphertext: bytes, aad: bytes) -> bytes | None:
         try:
-            return self._aead.decrypt(nonce, ciphertext, aad)
+            return self._aead(salt).decrypt(_ZERO_NONCE, ciphertext, aad)
         except InvalidTag:
             return None
 
@@ -221,8 +228,12 @@ def read_key_file(path: str | os.PathLike[str]) -> tuple[list[bytes], tuple[int,
     """Read and parse a key file; returns (secrets, (inode, size, mtime_ns)) for change detection."""
     where = repr(os.fspath(path))
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: a FIFO put in the file's place must not stall the event loop (it is refused below).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(f"ticket key file {where} is not a regular file")
             data = f.read(MAX_KEY_FILE + 1)
     except FileNotFoundError:
         raise ConfigError(
@@ -232,8 +243,9 @@ def read_key_file(path: str | os.PathLike[str]) -> tuple[list[bytes], tuple[int,
         raise ConfigError(f"ticket key file {where} cannot be read: {exc.strerror}") from None
     if len(data) > MAX_KEY_FILE:
         raise ConfigError(f"ticket key file {where} is larger than {MAX_KEY_FILE} bytes; is it the right file?")
-    if st.st_mode & stat.S_IWOTH:
-        raise ConfigError(f"ticket key file {where} is writable by every user; chmod 600 it")
+    if st.st_mode & (stat.S_IWOTH | stat.S_IWGRP):
+        # Whoever can write the file can add a key and mint tickets for any client identity.
+        raise ConfigError(f"ticket key file {where} is writable by other users; chmod 600 it")
     if st.st_mode & (stat.S_IRGRP | stat.S_IROTH):
         log.warning("ticket key file %s is readable by other users; chmod 600 it", where)
     try:
@@ -368,6 +380,7 @@ class ServerTickets(_Counted):
         self.stats = SessionStats()
         self._lock = threading.Lock()
         self._seen: dict[bytes, int] = {}
+        self._seen_order: collections.deque[tuple[int, bytes]] = collections.deque()
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -391,8 +404,8 @@ class ServerTickets(_Counted):
             return None
         key = self.ring.current()[0]
         head = bytes([TICKET_FORMAT]) + key.key_id
-        nonce = os.urandom(AEAD_NONCE_LEN)
-        ticket = head + nonce + key.seal(nonce, plaintext, head)
+        salt = os.urandom(SALT_LEN)
+        ticket = head + salt + key.seal(salt, plaintext, head)
         with self._lock:
             self.stats.tickets += 1
         return ticket
@@ -401,12 +414,12 @@ class ServerTickets(_Counted):
         """Authenticate and decode a ticket. Never raises for a bad ticket; does not consume it."""
         if len(ticket) < _HEAD_LEN + _TAG_LEN or ticket[0] != TICKET_FORMAT:
             return None, TicketStatus.INVALID
-        head, nonce, sealed = ticket[: 1 + KEY_ID_LEN], ticket[1 + KEY_ID_LEN : _HEAD_LEN], ticket[_HEAD_LEN:]
+        head, salt, sealed = ticket[: 1 + KEY_ID_LEN], ticket[1 + KEY_ID_LEN : _HEAD_LEN], ticket[_HEAD_LEN:]
         key_id = head[1:]
         plaintext = None
         for key in self.ring.current():
             if key.key_id == key_id:  # key ids are public; no secret is compared here
-                plaintext = key.open(nonce, sealed, head)
+                plaintext = key.open(salt, sealed, head)
                 break
         if plaintext is None:
             return None, TicketStatus.INVALID
@@ -426,13 +439,16 @@ class ServerTickets(_Counted):
         ticket_id = ticket[1:_HEAD_LEN]
         now_ms = int(self.clock() * 1000)
         with self._lock:
-            if len(self._seen) >= MAX_SEEN_TICKETS:
-                self._seen = {t: exp for t, exp in self._seen.items() if exp > now_ms}
-                if len(self._seen) >= MAX_SEEN_TICKETS:
-                    return False  # cannot remember another one: refuse rather than allow a replay
-            if ticket_id in self._seen:
+            # Forget expired ids from the front (oldest first): O(1) amortised per call, never a rebuild.
+            order, seen = self._seen_order, self._seen
+            while order and order[0][0] <= now_ms:
+                seen.pop(order.popleft()[1], None)
+            if ticket_id in seen:
                 return False
-            self._seen[ticket_id] = contents.expires_ms
+            if len(seen) >= MAX_SEEN_TICKETS:
+                return False  # cannot remember another one: refuse (full handshake) rather than allow a replay
+            seen[ticket_id] = contents.expires_ms
+            order.append((contents.expires_ms, ticket_id))
             return True
 
 

@@ -461,6 +461,47 @@ async def test_replay_of_a_one_use_ticket(serve, pki_dir, single_use: bool) -> N
         assert not server_cfg.session_stats.fallbacks
 
 
+async def test_single_use_survives_a_reload(serve, pki_dir) -> None:
+    """reload_server keeps the ticket keys and the single-use memory when the ticket settings are unchanged."""
+    server_cfg = pki_dir.server_config(ticket_single_use=True)
+    client_cfg = pki_dir.client_config()
+    server, port = await serve(echo, server_cfg)
+    key = (HOST, port, "localhost")
+    await talk(port, client_cfg)
+    copy = only_session(client_cfg, port)
+    assert (await talk(port, client_cfg)).resumed  # first use
+    reloaded = pki_dir.server_config(ticket_single_use=True)
+    securechan.reload_server(server, reloaded)
+    client_cfg.session_cache.clear()
+    client_cfg.session_cache.restore(key, copy)
+    assert not (await talk(port, client_cfg)).resumed  # the replay is still refused after the reload
+    assert reloaded.session_stats.fallbacks == {"replayed": 1}
+    assert (await talk(port, client_cfg)).resumed  # and a fresh ticket from before the reload's keys works
+
+
+def test_single_use_memory_evicts_expired_ids_and_stays_bounded(monkeypatch) -> None:
+    from securechan import tickets as t
+
+    now = [1_000.0]
+    monkeypatch.setattr(t, "MAX_SEEN_TICKETS", 3)
+    store = t.ServerTickets(lifetime=10, rotation=3600, single_use=True, clock=lambda: now[0])
+
+    def ticket() -> tuple[bytes, t.TicketContents]:
+        sealed = store.seal(t.TicketContents(psk=bytes(32), version=1, suite=1, server_name=None, client_chain=()))
+        assert sealed is not None
+        contents, status = store.open(sealed)
+        assert status is t.TicketStatus.ACCEPTED and contents is not None
+        return sealed, contents
+
+    first = [ticket() for _ in range(3)]
+    assert all(store.consume(*tk) for tk in first)
+    assert not store.consume(*first[0])  # replay
+    assert not store.consume(*ticket())  # full: refused (a full handshake), never forgotten early
+    now[0] += 11  # the remembered tickets expire and are dropped from the front
+    assert store.consume(*ticket())
+    assert len(store._seen) == 1
+
+
 # -- peer identity ---------------------------------------------------------------------------
 
 
@@ -609,13 +650,17 @@ def test_cli_rotate_keeps_previous_keys(tmp_path: Path) -> None:
         ("hello\n", 0o600, "is not a ticket key"),
         ("sc1-ticket-key:AAAA\n", 0o600, "must be 32 bytes"),
         ("sc1-ticket-key:!!!!\n", 0o600, "not valid base64url"),
-        ("VALID", 0o666, "writable by every user"),
+        ("VALID", 0o666, "writable by other users"),
+        ("VALID", 0o620, "writable by other users"),
+        ("FIFO", 0o600, "not a regular file"),
     ],
 )
 def test_bad_key_files_are_config_errors(pki_dir, tmp_path: Path, content, mode, message) -> None:
     path = tmp_path / "k"
     if content == "VALID":
         write_key_file(str(path), [new_key_secret()])
+    elif content == "FIFO":
+        os.mkfifo(path)  # opened without blocking, then refused
     elif content is not None:
         path.write_text(content)
     if content is not None:

@@ -203,7 +203,9 @@ class Tunnel:
     def reload(self) -> None:
         """Re-read certificate, key and CA files for new connections (SIGHUP); raises ConfigError if broken."""
         if self.spec.mode == "server":
-            self._server_config = self.spec.server_config()
+            config = self.spec.server_config()
+            config.continue_from(self._server_config)
+            self._server_config = config
         else:
             self._client_config = self.spec.client_config()
         log.info("tunnel %r: reloaded certificates for new connections", self.spec.title)
