@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import datetime
 import hashlib
 import hmac
 import ipaddress
 import os
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeAlias
 
@@ -245,24 +247,25 @@ def verify_server_chain(
     *,
     cafile_desc: str = "the configured CA bundle",
     now: datetime.datetime | None = None,
-) -> None:
-    """Validate a server chain (leaf first) for ``server_name``; raise a CertificateError naming the cause."""
+) -> list[x509.Certificate]:
+    """Validate a server chain (leaf first) for ``server_name``; return the validated path (leaf to
+    trust anchor), or raise a CertificateError naming the cause."""
     at = now or _utcnow()
     leaf, intermediates = chain[0], list(chain[1:])
 
-    def attempt(subject_name: str, when: datetime.datetime) -> str | None:
+    def attempt(subject_name: str, when: datetime.datetime) -> list[x509.Certificate] | str:
         builder = xv.PolicyBuilder().store(store).time(when)
         try:
-            builder.build_server_verifier(_subject(subject_name)).verify(leaf, intermediates)
+            return builder.build_server_verifier(_subject(subject_name)).verify(leaf, intermediates)
         except xv.VerificationError as exc:
             return str(exc)
         except ValueError as exc:  # e.g. a server name that is not a valid DNS name
             return str(exc)
-        return None
 
-    error = attempt(server_name, at)
-    if error is None:
-        return
+    result = attempt(server_name, at)
+    if not isinstance(result, str):
+        return result
+    error = result
     _diagnose(
         leaf,
         "server",
@@ -270,9 +273,50 @@ def verify_server_chain(
         at,
         error,
         cafile_desc,
-        lambda name, when: attempt(name, when) is None,
+        lambda name, when: not isinstance(attempt(name, when), str),
         ExtendedKeyUsageOID.SERVER_AUTH,
     )
+    raise AssertionError("unreachable")  # _diagnose always raises
+
+
+class VerifiedChains:
+    """Server chains one ClientConfig already validated, so reconnecting skips parsing and path validation.
+
+    An entry is keyed by the chain's exact DER bytes and the server name, and is used only while
+    the clock is inside the common validity window of the validated path (leaf to trust anchor):
+    the verdict of path validation depends on nothing else for a fixed set of trust anchors,
+    which a config never changes. Pins are checked again on every use (they are cheap).
+    """
+
+    def __init__(self, size: int = 32) -> None:
+        self._size = size
+        self._entries: collections.OrderedDict[
+            tuple[tuple[bytes, ...], str | None], tuple[list[x509.Certificate], datetime.datetime, datetime.datetime]
+        ] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, der: tuple[bytes, ...], name: str | None) -> list[x509.Certificate] | None:
+        now = _utcnow()
+        with self._lock:
+            entry = self._entries.get((der, name))
+            if entry is None:
+                return None
+            chain, start, end = entry
+            if not start <= now <= end:
+                del self._entries[(der, name)]
+                return None
+            self._entries.move_to_end((der, name))
+            return chain
+
+    def put(self, der: tuple[bytes, ...], name: str | None, chain: list[x509.Certificate],
+            path: Sequence[x509.Certificate]) -> None:
+        start = max(c.not_valid_before_utc for c in path)
+        end = min(c.not_valid_after_utc for c in path)
+        with self._lock:
+            self._entries[(der, name)] = (chain, start, end)
+            self._entries.move_to_end((der, name))
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
 
 
 def verify_client_chain(

@@ -16,6 +16,7 @@ from .acl import AccessList
 from .certs import (
     PrivateKey,
     Source,
+    VerifiedChains,
     check_key_matches,
     check_leaf_role,
     load_certificates,
@@ -108,6 +109,7 @@ class ClientConfig(_Common):
     #: Resume sessions with tickets the servers sent (cached in this config, see ``session_cache``).
     resume: bool = True
     _session_cache: TicketCache = field(init=False, repr=False, compare=False, default_factory=TicketCache)
+    _verified_chains: VerifiedChains = field(init=False, repr=False, compare=False, default_factory=VerifiedChains)
 
     def __post_init__(self) -> None:
         _common_checks(self)

@@ -105,6 +105,13 @@ def handshake_frame(message: HandshakeMessage) -> bytes:
     return encode_frame(FrameType.HANDSHAKE, pack_map(message.encode()))
 
 
+def _ephemeral_key(entropy: Entropy) -> x25519.X25519PrivateKey:
+    """A fresh X25519 key: from the library's generator, or from ``entropy`` when a test pins it."""
+    if entropy is os.urandom:
+        return x25519.X25519PrivateKey.generate()
+    return x25519.X25519PrivateKey.from_private_bytes(entropy(32))
+
+
 def _x25519_public(key: x25519.X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
@@ -139,7 +146,7 @@ class ClientHandshake:
         self._resumed_keys: dict[str, bytes] = {}
         self._entropy = entropy
         self._transcript = Transcript()
-        self._x25519 = x25519.X25519PrivateKey.from_private_bytes(entropy(32))
+        self._x25519 = _ephemeral_key(entropy)
         self._expect: type = ServerHello
         self._server_finished_key = b""
         self._secrets: Secrets | None = None
@@ -210,8 +217,7 @@ class ClientHandshake:
             if sh.resumed:
                 return self._on_resumed_server_hello(sh)
             self._ticket_refused(sh.ticket_status)
-        chain = parse_chain(sh.certificates, "server")
-        self._verify(chain)
+        chain = self._verified_chain(sh.certificates)
         leaf_key = chain[0].public_key()
         if not isinstance(leaf_key, rsa.RSAPublicKey) or leaf_key.key_size < MIN_RSA_BITS:
             raise InsufficientSecurityError(
@@ -268,15 +274,31 @@ class ClientHandshake:
         self._transcript.add(frame)
         return frame
 
-    def _verify(self, chain: list[x509.Certificate]) -> None:
+    def _verified_chain(self, der: tuple[bytes, ...]) -> list[x509.Certificate]:
+        """The server's chain, parsed and validated (or taken from this config's cache of verified chains)."""
+        cache = self.config._verified_chains
+        chain = cache.get(der, self.server_name)
+        if chain is not None:
+            if self.config._pins:
+                check_pins(chain[0], self.config._pins, "server")
+            return chain
+        chain = parse_chain(der, "server")
+        path = self._verify(chain)
+        if path is not None:
+            cache.put(der, self.server_name, chain, path)
+        return chain
+
+    def _verify(self, chain: list[x509.Certificate]) -> list[x509.Certificate] | None:
+        """Check pins and/or the path; return the validated path (None when only pins are configured)."""
         cfg = self.config
         if cfg._pins:
             check_pins(chain[0], cfg._pins, "server")
-        if cfg._store is not None:
-            name = self.server_name
-            if name is None:
-                raise IllegalParameterError("a server name is required to verify the server certificate against a CA")
-            verify_server_chain(chain, name, cfg._store, cafile_desc=cfg.trust_description)
+        if cfg._store is None:
+            return None
+        name = self.server_name
+        if name is None:
+            raise IllegalParameterError("a server name is required to verify the server certificate against a CA")
+        return verify_server_chain(chain, name, cfg._store, cafile_desc=cfg.trust_description)
 
     def _ticket_refused(self, code: int) -> None:
         try:
@@ -415,7 +437,7 @@ class ServerHandshake:
         self.client_accepts_tickets = ch.accept_tickets
         self._client_auth = SUPPORTED_SCHEMES if cfg.requires_client_certificate else ()
         self._client_max_record = ch.max_record
-        self._x25519 = x25519.X25519PrivateKey.from_private_bytes(self._entropy(32))
+        self._x25519 = _ephemeral_key(self._entropy)
         self._dhe = _dh(self._x25519, ch.x25519)
         ticket_status = TicketStatus.ACCEPTED
         if ch.ticket is not None:

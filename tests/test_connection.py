@@ -257,3 +257,48 @@ def test_secrets_never_in_reprs(server_config, pki_dir) -> None:
     client, server = pair(server_config, pki_dir.client_config())
     handshake(client, server)
     assert "exporter" not in repr(client.session).lower().replace("export_keying_material", "")
+
+
+def test_verified_chain_cache_is_per_chain_name_and_validity(server_config, pki_dir, monkeypatch) -> None:
+    """A config re-verifies nothing it already verified for the same chain and name while the path is
+    valid; a different name, a different chain, or a moment outside the path's validity is checked anew."""
+    import datetime
+
+    from securechan import certs
+
+    calls: list[str] = []
+    real = certs.verify_server_chain
+
+    def counting(chain, name, store, **kw):
+        calls.append(name)
+        return real(chain, name, store, **kw)
+
+    from securechan import handshake as hs_module
+
+    monkeypatch.setattr(hs_module, "verify_server_chain", counting)
+    config = pki_dir.client_config(resume=False)
+    for _ in range(3):
+        client, server = pair(server_config, config)
+        handshake(client, server)
+    assert calls == ["localhost"]  # verified once, then served from the cache
+
+    # another server name for the same chain is a different question
+    client = securechan.Connection(config, server_name="127.0.0.1")
+    server = securechan.Connection(server_config)
+    handshake(client, server)
+    assert calls == ["localhost", "127.0.0.1"]
+
+    # a chain the cache has not seen is verified (and refused) as usual
+    crt, key = pki_dir.issue("db.internal")
+    other = securechan.ServerConfig(certfile=crt, keyfile=key)
+    client, server = securechan.Connection(config, server_name="localhost"), securechan.Connection(other)
+    server.receive_data(client.data_to_send())
+    with pytest.raises(securechan.NameMismatchError):
+        client.receive_data(server.data_to_send())
+
+    # outside the validated path's validity window an entry is dropped and the chain re-verified
+    der = server_config._chain_der
+    assert config._verified_chains.get(der, "localhost") is not None
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=365 * 20)
+    monkeypatch.setattr(certs, "_utcnow", lambda: later)
+    assert config._verified_chains.get(der, "localhost") is None
