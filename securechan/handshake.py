@@ -187,7 +187,8 @@ class ClientHandshake:
         if session is None or session.version not in cfg.versions or session.suite not in {int(s) for s in cfg.suites}:
             return None
         try:
-            self._verify(list(session.server_chain))  # today's CA, pins and clock still accept the server
+            # Today's CA, pins and clock must still accept the server (usually a verified-chain cache hit).
+            self._verified_chain(tuple(c.public_bytes(Encoding.DER) for c in session.server_chain))
         except SecureChannelError as exc:
             log.debug("not offering a cached session ticket: %s", exc)
             return None

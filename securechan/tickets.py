@@ -78,8 +78,8 @@ MAX_FILE_KEYS = 8
 #: Upper bound of remembered ticket ids for single-use tickets; when full, tickets are refused (fail safe).
 MAX_SEEN_TICKETS = 200_000
 #: Client cache bounds.
-MAX_CACHE_KEYS = 1024
-MAX_TICKETS_PER_KEY = 4
+MAX_CACHE_KEYS = 256
+MAX_TICKETS_PER_KEY = 64
 CLIENT_MARGIN_MAX = 60.0
 
 

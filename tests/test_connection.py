@@ -302,3 +302,28 @@ def test_verified_chain_cache_is_per_chain_name_and_validity(server_config, pki_
     later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=365 * 20)
     monkeypatch.setattr(certs, "_utcnow", lambda: later)
     assert config._verified_chains.get(der, "localhost") is None
+
+
+def test_ticket_not_offered_once_the_server_chain_no_longer_validates(server_config, pki_dir, monkeypatch) -> None:
+    """Resumption never outlives the server's certificate: with the clock past the chain's validity the
+    cached ticket is withheld (and the full handshake then refuses the expired certificate)."""
+    import datetime
+
+    from securechan import certs
+    from securechan.messages import ClientHello as CH
+
+    config = pki_dir.client_config()
+    client, server = pair(server_config, config)
+    handshake(client, server)
+    client.receive_data(server.data_to_send())  # the session ticket
+    (kept,) = config.session_cache.peek(client._resume_key)
+
+    def offered_ticket() -> bool:
+        hello = securechan.Connection(config, server_name="localhost", resume_key=client._resume_key).data_to_send()
+        return CH.decode(unpack_map(hello[HEADER_LEN:], 1 << 16)).ticket is not None
+
+    assert offered_ticket()  # today: the cached chain is valid, the ticket is offered
+    config.session_cache.restore(client._resume_key, kept)
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=365 * 20)
+    monkeypatch.setattr(certs, "_utcnow", lambda: later)
+    assert not offered_ticket()
