@@ -37,6 +37,9 @@ from .events import DataReceived, HandshakeComplete, KeysUpdated, PeerClosed, Se
 
 log = logging.getLogger("securechan")
 
+#: Seconds a failed connection may spend flushing its alert before the socket is aborted.
+FATAL_CLOSE_GRACE = 2.0
+
 #: Seconds without a read after which a connection's grown receive buffer is released.
 IDLE_RELEASE_SECONDS = 1.0
 
@@ -59,6 +62,7 @@ class SecureProtocol(asyncio.BufferedProtocol):
         self.app_transport: SecureTransport | None = None
         self._error: BaseException | None = None
         self._app_paused_writing = False
+        self._app_lost_sent = False
         self._peer: Any = None
         self.on_handshake_failed: Callable[[SecureProtocol, BaseException], None] | None = None
         self._reads = 0
@@ -164,15 +168,21 @@ class SecureProtocol(asyncio.BufferedProtocol):
                     error = eof_error
             self._waiter.set_exception(error or ConnectionClosedError("connection closed during the handshake"))
             self._waiter = None
-        if self.app_transport is not None:
-            self.app_transport._closed = True
-        if self.app_protocol is not None and self.app_transport is not None:
-            app, self.app_protocol = self.app_protocol, None
-            app.connection_lost(error)  # type: ignore[arg-type]
+        self._notify_app_lost(error)
         self._conn.discard()
         self._tcp = None
 
     # -- internals ------------------------------------------------------------------------
+
+    def _notify_app_lost(self, error: BaseException | None) -> None:
+        """The application hears ``connection_lost`` exactly once, at the first of: failure, socket loss."""
+        transport = self.app_transport
+        if transport is None or self._app_lost_sent:
+            return
+        transport._closed = True
+        self._app_lost_sent = True
+        if self.app_protocol is not None:
+            self.app_protocol.connection_lost(error)  # type: ignore[arg-type]
 
     def _flush(self) -> None:
         data = self._conn.data_to_send()
@@ -218,7 +228,13 @@ class SecureProtocol(asyncio.BufferedProtocol):
         self._flush()  # the alert, if any
         if not self._conn.handshake_complete and self.on_handshake_failed is not None:
             self.on_handshake_failed(self, exc)
+        # Tell the application now, not when the socket has finished flushing: a peer that stops
+        # reading must not keep a failed channel looking alive (a relay would treat it as idle).
+        self._notify_app_lost(exc)
         self._close_tcp()
+        if self._tcp is not None:
+            # The alert gets a short grace to leave; a peer that does not read cannot hold the socket.
+            asyncio.get_running_loop().call_later(FATAL_CLOSE_GRACE, self._tcp.abort)
 
     def _close_tcp(self) -> None:
         self._cancel_timer()

@@ -87,7 +87,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     lim.add_argument("--connect-retries", type=int, default=0, metavar="N",
                      help="extra attempts to reach the target (default 0: no retries)")
     lim.add_argument("--retry-delay", type=float, default=0.5, metavar="S", help="between attempts (default 0.5)")
-    lim.add_argument("--idle-timeout", type=float, metavar="S", help="close a connection idle this long")
+    lim.add_argument("--idle-timeout", type=float, metavar="S", help="cut (reset) a connection idle this long")
     lim.add_argument("--max-lifetime", type=float, metavar="S", help="cut a connection open this long")
     svc = p.add_argument_group("service")
     svc.add_argument("--workers", type=int, default=1, metavar="N",

@@ -22,11 +22,10 @@ either end can therefore tell a complete stream from a cut one.
 
 Idle timeout, maximum lifetime and the shutdown deadline are enforced by the task that
 awaits the two pumps. Activity is progress in either direction: a read, or a write that
-the far side accepted (``drain()`` returned). When the idle timer fires with nothing in
-flight, both sides are closed cleanly; when it fires on a *stalled* transfer (bytes held
-here, or a pump waiting for the far side to accept), both sides are aborted, because a
-clean close would deliver a prefix of the stream as if it were complete. The lifetime
-and shutdown deadlines always abort.
+the far side accepted (``drain()`` returned). All three *abort* both sides: a stream whose
+source never ended it (no EOF, no close_notify) is not complete, and this process cannot
+see what the network or a withholding attacker still holds, so a clean close could pass a
+prefix off as the whole stream. A pump that dies of an unexpected error aborts too.
 """
 
 from __future__ import annotations
@@ -124,7 +123,10 @@ class Relay:
         pending: set[asyncio.Task[None]] = set(self._pumps)
         try:
             while pending:
-                _, pending = await asyncio.wait(pending, timeout=self._next_check())
+                done, pending = await asyncio.wait(pending, timeout=self._next_check())
+                for task in done:
+                    if not task.cancelled() and task.exception() is not None:
+                        self.stop(f"relay failed: {_describe(task.exception())}")  # type: ignore[arg-type]
                 if pending:
                     self._check_timers()
             if self.reason is None:
@@ -138,17 +140,13 @@ class Relay:
                 task.cancel()
         return self.reason
 
-    def stop(self, reason: str, *, abort: bool = True) -> None:
-        """End the relay now: ``abort`` drops both ends (RST / no close_notify), else closes them cleanly."""
+    def stop(self, reason: str) -> None:
+        """End the relay now: drop both ends (RST on TCP, no close_notify on securechan)."""
         if self.reason is None:
             self.reason = reason
-            self.failed = abort
-        if abort:
-            self.client.abort()
-            self.target.abort()
-        else:
-            self.client.writer.close()
-            self.target.writer.close()
+            self.failed = True
+        self.client.abort()
+        self.target.abort()
         current = asyncio.current_task()
         for task in self._pumps:
             if task is not current:
@@ -223,7 +221,7 @@ class Relay:
                 self.stop(f"stalled for {self.idle_timeout:g} s with {held} bytes in flight; "
                           "both sides aborted so the cut cannot pass for a complete stream")
             else:
-                self.stop(f"idle for {self.idle_timeout:g} s", abort=False)
+                self.stop(f"idle for {self.idle_timeout:g} s; both sides aborted (an unended stream is not complete)")
 
     async def _close_both(self) -> None:
         for side in (self.client, self.target):
