@@ -134,3 +134,86 @@ async def test_attack_between_tunnels_resets_the_plain_ends(pki_dir, attack: str
     if attack == "flip":
         assert len(target.data) < len(PAYLOAD)
     assert reply == b""
+
+
+async def test_forged_record_while_the_tunnel_cannot_flush_still_resets_the_target(pki_dir) -> None:
+    """The path stops reading the server tunnel's output (its send buffer backs up), then injects a
+    record that fails its tag. The channel's failure must reach the relay at once, so the target sees
+    a reset, not the clean end an idle timeout would give a connection that merely looked quiet."""
+    import securechan
+    from securechan.frames import encode_frame
+    from tunnelkit import plain_target, running, server_spec
+
+    received = bytearray()
+    ending: list[str] = []
+    target_writers: list[asyncio.StreamWriter] = []
+
+    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        target_writers.append(writer)
+        try:
+            while data := await reader.read(65536):
+                received.extend(data)
+            ending.append("clean EOF")
+        except ConnectionResetError:
+            ending.append("reset")
+        writer.close()
+
+    stall, inject = asyncio.Event(), asyncio.Event()
+
+    async def path(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter, port: int) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", port)
+
+        async def upstream() -> None:
+            while True:
+                read = asyncio.ensure_future(client_r.read(65536))
+                forge = asyncio.ensure_future(inject.wait())
+                done, _ = await asyncio.wait({read, forge}, return_when=asyncio.FIRST_COMPLETED)
+                if forge in done:
+                    read.cancel()
+                    server_w.write(encode_frame(FrameType.APPLICATION_DATA, os.urandom(64)))
+                    await asyncio.sleep(30)
+                    return
+                forge.cancel()
+                if not (data := read.result()):
+                    return
+                server_w.write(data)
+                await server_w.drain()
+
+        async def downstream() -> None:
+            while data := await server_r.read(65536):
+                client_w.write(data)
+                await client_w.drain()
+                if stall.is_set():
+                    await asyncio.sleep(30)  # stop reading: the server tunnel's send path backs up
+                    return
+
+        await asyncio.gather(upstream(), downstream(), return_exceptions=True)
+
+    async with plain_target(target) as tport, running(server_spec(pki_dir, f"127.0.0.1:{tport}", idle_timeout=1.0)) as (
+        srv,
+    ):
+        mitm = await asyncio.start_server(lambda r, w: path(r, w, srv.port), "127.0.0.1", 0)
+        reader, writer = await securechan.open_connection(
+            "127.0.0.1", mitm.sockets[0].getsockname()[1], config=pki_dir.client_config(), server_name="localhost"
+        )
+        writer.write(b"A" * 1000)
+        await writer.drain()
+        while not target_writers or not srv.relays:
+            await asyncio.sleep(0.01)
+        stall.set()
+        secure = next(iter(srv.relays)).client.writer.transport
+        for _ in range(5000):  # the target talks until the tunnel holds unsent records
+            target_writers[0].write(b"r" * 4096)
+            await target_writers[0].drain()
+            await asyncio.sleep(0.002)
+            if secure.get_write_buffer_size() > 0:
+                break
+        inject.set()
+        for _ in range(60):
+            if ending:
+                break
+            await asyncio.sleep(0.05)
+        mitm.close()
+        writer.transport.abort()
+    assert bytes(received) == b"A" * 1000
+    assert ending == ["reset"]
