@@ -247,15 +247,20 @@ class ServerConfig(_Common):
     def continue_from(self, previous: ServerConfig | None) -> None:
         """Take over ``previous``'s ticket state when this config replaces it (reload).
 
-        With the same ticket settings, the ticket keys, the single-use memory and the counters
-        carry over, so a reload neither invalidates tickets nor lets a single-use ticket be used
-        once more. With different settings this config keeps its own fresh state.
+        When both draw their ticket keys from the same source (both in memory, or the same key
+        file), the single-use memory and the counters always carry over — tickets the old
+        config accepted still open, so forgetting which were used would let each be used once
+        more — and in-memory keys carry over too, so a reload does not invalidate tickets. A
+        different key source starts fresh: the old tickets no longer open at all.
         """
-        settings = ("tickets", "ticket_lifetime", "ticket_key_file", "ticket_rotation", "ticket_single_use")
-        if previous is None or previous._tickets is None:
+        if previous is None or previous._tickets is None or self._tickets is None:
             return
-        if all(getattr(self, s) == getattr(previous, s) for s in settings):
-            _set(self, "_tickets", previous._tickets)
+        old, new = previous.ticket_key_file, self.ticket_key_file
+        same_source = (old is None and new is None) or (
+            old is not None and new is not None and os.path.realpath(old) == os.path.realpath(new)
+        )
+        if same_source:
+            self._tickets.continue_from(previous._tickets)
 
     @property
     def session_stats(self) -> SessionStats:

@@ -25,8 +25,8 @@ file (``securechan ticket-key rotate``).
 :meth:`ServerTickets.open` never raises on a bad ticket: it returns a :class:`TicketStatus`
 (unknown key, failed tag and malformed contents are one status, ``INVALID``, so they cannot
 be told apart). With ``ticket_single_use`` each ticket id (key id + salt) is remembered
-until the ticket expires, and a second use is ``REPLAYED``; the ids live in a dict plus an
-insertion-ordered queue, so expired ones are dropped from the front without a rebuild.
+until the ticket expires, and a second use is ``REPLAYED``; the ids live in a dict plus a
+heap ordered by expiry, so expired ones are dropped first and no id pins others in memory.
 
 Client side (:class:`TicketCache`, one per :class:`~securechan.ClientConfig`). Tickets are
 kept per (host, port, server name), newest first, each used at most once (the server sends a
@@ -40,6 +40,7 @@ import base64
 import binascii
 import collections
 import enum
+import heapq
 import logging
 import os
 import stat
@@ -80,6 +81,8 @@ MAX_SEEN_TICKETS = 200_000
 #: Client cache bounds.
 MAX_CACHE_KEYS = 256
 MAX_TICKETS_PER_KEY = 64
+#: Bytes of tickets one client cache holds at most, whatever size the servers make them.
+MAX_CACHE_BYTES = 4 * 1024 * 1024
 CLIENT_MARGIN_MAX = 60.0
 
 
@@ -239,12 +242,18 @@ def read_key_file(path: str | os.PathLike[str]) -> tuple[list[bytes], tuple[int,
         raise ConfigError(
             f"ticket key file {where} does not exist; create it with 'securechan ticket-key new --out FILE'"
         ) from None
-    except (IsADirectoryError, PermissionError) as exc:
-        raise ConfigError(f"ticket key file {where} cannot be read: {exc.strerror}") from None
+    except OSError as exc:  # a directory, no permission, a socket (ENXIO), ...
+        raise ConfigError(f"ticket key file {where} cannot be read: {exc.strerror or exc}") from None
     if len(data) > MAX_KEY_FILE:
         raise ConfigError(f"ticket key file {where} is larger than {MAX_KEY_FILE} bytes; is it the right file?")
+    # Whoever can write the file can add a key and mint tickets for any client identity: only
+    # this process's user (or root) may own it, and no one else may write it.
+    if st.st_uid not in (os.geteuid(), 0):
+        raise ConfigError(
+            f"ticket key file {where} belongs to uid {st.st_uid}, not to this server's user or root; "
+            "whoever owns it can mint tickets: chown it"
+        )
     if st.st_mode & (stat.S_IWOTH | stat.S_IWGRP):
-        # Whoever can write the file can add a key and mint tickets for any client identity.
         raise ConfigError(f"ticket key file {where} is writable by other users; chmod 600 it")
     if st.st_mode & (stat.S_IRGRP | stat.S_IROTH):
         log.warning("ticket key file %s is readable by other users; chmod 600 it", where)
@@ -380,7 +389,7 @@ class ServerTickets(_Counted):
         self.stats = SessionStats()
         self._lock = threading.Lock()
         self._seen: dict[bytes, int] = {}
-        self._seen_order: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._seen_order: list[tuple[int, bytes]] = []  # heap by expiry
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -432,6 +441,16 @@ class ServerTickets(_Counted):
             return contents, TicketStatus.EXPIRED
         return contents, TicketStatus.ACCEPTED
 
+    def continue_from(self, previous: ServerTickets) -> None:
+        """Carry on from ``previous`` (same key source): its single-use memory, counters and in-memory keys."""
+        with previous._lock:
+            self._seen, self._seen_order = previous._seen, previous._seen_order
+            self.stats = previous.stats
+            if self.ring.key_file is None and previous.ring.key_file is None:
+                previous.ring.rotation = self.ring.rotation
+                self.ring = previous.ring
+            self._lock = previous._lock
+
     def consume(self, ticket: bytes, contents: TicketContents) -> bool:
         """Single-use bookkeeping: True the first time a ticket is used (always True when reuse is allowed)."""
         if not self.single_use:
@@ -439,16 +458,16 @@ class ServerTickets(_Counted):
         ticket_id = ticket[1:_HEAD_LEN]
         now_ms = int(self.clock() * 1000)
         with self._lock:
-            # Forget expired ids from the front (oldest first): O(1) amortised per call, never a rebuild.
+            # Forget expired ids, soonest expiry first (a heap): O(log n) per id, never a rebuild.
             order, seen = self._seen_order, self._seen
             while order and order[0][0] <= now_ms:
-                seen.pop(order.popleft()[1], None)
+                seen.pop(heapq.heappop(order)[1], None)
             if ticket_id in seen:
                 return False
             if len(seen) >= MAX_SEEN_TICKETS:
                 return False  # cannot remember another one: refuse (full handshake) rather than allow a replay
             seen[ticket_id] = contents.expires_ms
-            order.append((contents.expires_ms, ticket_id))
+            heapq.heappush(order, (contents.expires_ms, ticket_id))
             return True
 
 
@@ -479,26 +498,34 @@ class TicketCache(_Counted):
         self.stats = SessionStats()
         self._lock = threading.Lock()
         self._entries: collections.OrderedDict[Hashable, list[CachedSession]] = collections.OrderedDict()
+        self._bytes = 0
+
+    def _store(self, key: Hashable, entry: CachedSession) -> None:
+        """Insert ``entry`` newest-first under ``key`` and trim to every bound (caller holds the lock)."""
+        sessions = self._entries.pop(key, [])
+        sessions.insert(0, entry)
+        self._bytes += len(entry.ticket)
+        for dropped in sessions[MAX_TICKETS_PER_KEY:]:
+            self._bytes -= len(dropped.ticket)
+        del sessions[MAX_TICKETS_PER_KEY:]
+        self._entries[key] = sessions
+        while len(self._entries) > MAX_CACHE_KEYS or self._bytes > MAX_CACHE_BYTES:
+            oldest_key, oldest = next(iter(self._entries.items()))
+            self._bytes -= len(oldest.pop().ticket)  # the oldest ticket of the least recently used server
+            if not oldest:
+                del self._entries[oldest_key]
 
     def put(self, key: Hashable, ticket: bytes, psk: bytes, version: int, suite: int,
             server_chain: tuple[x509.Certificate, ...], lifetime: float) -> None:
         entry = CachedSession(ticket, psk, version, suite, server_chain, client_expiry(self.clock(), lifetime))
         with self._lock:
             self.stats.tickets += 1
-            sessions = self._entries.pop(key, [])
-            sessions.insert(0, entry)
-            del sessions[MAX_TICKETS_PER_KEY:]
-            self._entries[key] = sessions
-            while len(self._entries) > MAX_CACHE_KEYS:
-                self._entries.popitem(last=False)
+            self._store(key, entry)
 
     def restore(self, key: Hashable, session: CachedSession) -> None:
         """Put a session back (newest first), e.g. one taken for a connection that never got going."""
         with self._lock:
-            sessions = self._entries.pop(key, [])
-            sessions.insert(0, session)
-            del sessions[MAX_TICKETS_PER_KEY:]
-            self._entries[key] = sessions
+            self._store(key, session)
 
     def take(self, key: Hashable) -> CachedSession | None:
         """Remove and return the newest unexpired ticket for ``key`` (expired ones are dropped)."""
@@ -510,6 +537,7 @@ class TicketCache(_Counted):
             found = None
             while sessions and found is None:
                 entry = sessions.pop(0)
+                self._bytes -= len(entry.ticket)
                 if now < entry.expires:
                     found = entry
             if not sessions:
@@ -524,6 +552,7 @@ class TicketCache(_Counted):
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._bytes = 0
 
     def __len__(self) -> int:
         with self._lock:

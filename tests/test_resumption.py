@@ -479,6 +479,57 @@ async def test_single_use_survives_a_reload(serve, pki_dir) -> None:
     assert (await talk(port, client_cfg)).resumed  # and a fresh ticket from before the reload's keys works
 
 
+async def test_single_use_survives_a_reload_that_changes_other_ticket_settings(serve, pki_dir, key_file) -> None:
+    """Same key file (spelled differently), new lifetime: old tickets still open, so their use is remembered."""
+    server_cfg = pki_dir.server_config(ticket_single_use=True, ticket_key_file=key_file)
+    client_cfg = pki_dir.client_config()
+    server, port = await serve(echo, server_cfg)
+    key = (HOST, port, "localhost")
+    await talk(port, client_cfg)
+    copy = only_session(client_cfg, port)
+    assert (await talk(port, client_cfg)).resumed
+    spelled_differently = str(key_file.parent / "." / key_file.name)
+    securechan.reload_server(server, pki_dir.server_config(
+        ticket_single_use=True, ticket_key_file=spelled_differently, ticket_lifetime=900))
+    client_cfg.session_cache.clear()
+    client_cfg.session_cache.restore(key, copy)
+    assert not (await talk(port, client_cfg)).resumed
+
+
+def test_single_use_memory_is_ordered_by_expiry(monkeypatch) -> None:
+    """A long-lived ticket does not keep expired short-lived ids in memory."""
+    from securechan import tickets as t
+
+    now = [1_000.0]
+    store = t.ServerTickets(lifetime=1000, rotation=3600, single_use=True, clock=lambda: now[0])
+
+    def use(lifetime: float) -> None:
+        store.lifetime = lifetime
+        sealed = store.seal(t.TicketContents(psk=bytes(32), version=1, suite=1, server_name=None, client_chain=()))
+        assert sealed is not None
+        contents, _ = store.open(sealed)
+        assert contents is not None and store.consume(sealed, contents)
+
+    use(1000)  # long-lived, remembered first
+    for _ in range(5):
+        use(10)
+    now[0] += 11
+    use(10)  # the five short ones have expired and are gone, although the long one came first
+    assert len(store._seen) == 2
+
+
+def test_client_cache_bounds_bytes(monkeypatch) -> None:
+    from securechan import tickets as t
+
+    monkeypatch.setattr(t, "MAX_CACHE_BYTES", 10_000)
+    cache = t.TicketCache()
+    for i in range(40):
+        cache.put(("host", i, None), ticket=b"x" * 1000, psk=bytes(32), version=1, suite=1, server_chain=(), lifetime=600)
+    assert len(cache) == 10 and cache._bytes == 10_000
+    assert cache.peek(("host", 39, None)) and not cache.peek(("host", 0, None))  # the oldest servers went first
+    assert cache.take(("host", 39, None)) is not None and cache._bytes == 9_000
+
+
 def test_single_use_memory_evicts_expired_ids_and_stays_bounded(monkeypatch) -> None:
     from securechan import tickets as t
 
@@ -653,6 +704,8 @@ def test_cli_rotate_keeps_previous_keys(tmp_path: Path) -> None:
         ("VALID", 0o666, "writable by other users"),
         ("VALID", 0o620, "writable by other users"),
         ("FIFO", 0o600, "not a regular file"),
+        ("SOCKET", 0o600, "cannot be read"),
+        ("OTHER OWNER", 0o600, "belongs to uid 4242"),
     ],
 )
 def test_bad_key_files_are_config_errors(pki_dir, tmp_path: Path, content, mode, message) -> None:
@@ -661,6 +714,17 @@ def test_bad_key_files_are_config_errors(pki_dir, tmp_path: Path, content, mode,
         write_key_file(str(path), [new_key_secret()])
     elif content == "FIFO":
         os.mkfifo(path)  # opened without blocking, then refused
+    elif content == "SOCKET":
+        import socket
+
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(path))  # opening a socket fails with ENXIO: a ConfigError, not an OSError
+        listener.close()
+    elif content == "OTHER OWNER":
+        if os.geteuid() != 0:
+            pytest.skip("changing a file's owner needs root")
+        write_key_file(str(path), [new_key_secret()])
+        os.chown(path, 4242, -1)
     elif content is not None:
         path.write_text(content)
     if content is not None:
