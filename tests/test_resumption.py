@@ -524,7 +524,7 @@ def test_client_cache_bounds_bytes(monkeypatch) -> None:
     monkeypatch.setattr(t, "MAX_CACHE_BYTES", 10_000)
     cache = t.TicketCache()
     for i in range(40):
-        cache.put(("host", i, None), ticket=b"x" * 1000, psk=bytes(32), version=1, suite=1, server_chain=(), lifetime=600)
+        cache.put(("host", i, None), b"x" * 1000, bytes(32), version=1, suite=1, server_chain=(), lifetime=600)
     assert len(cache) == 10 and cache._bytes == 10_000
     assert cache.peek(("host", 39, None)) and not cache.peek(("host", 0, None))  # the oldest servers went first
     assert cache.take(("host", 39, None)) is not None and cache._bytes == 9_000

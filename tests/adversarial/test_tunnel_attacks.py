@@ -140,9 +140,10 @@ async def test_forged_record_while_the_tunnel_cannot_flush_still_resets_the_targ
     """The path stops reading the server tunnel's output (its send buffer backs up), then injects a
     record that fails its tag. The channel's failure must reach the relay at once, so the target sees
     a reset, not the clean end an idle timeout would give a connection that merely looked quiet."""
+    from tunnelkit import plain_target, running, server_spec
+
     import securechan
     from securechan.frames import encode_frame
-    from tunnelkit import plain_target, running, server_spec
 
     received = bytearray()
     ending: list[str] = []
