@@ -15,6 +15,7 @@ import datetime
 import hashlib
 import hmac
 import ipaddress
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -39,6 +40,8 @@ from .errors import (
 PrivateKey: TypeAlias = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 PublicKey: TypeAlias = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 Source: TypeAlias = "str | os.PathLike[str]"
+
+log = logging.getLogger("securechan")
 
 MAX_FILE = 1024 * 1024
 _Attempt = Callable[[str, datetime.datetime], bool]
@@ -78,7 +81,12 @@ def load_certificates(
     return certs
 
 
-def load_private_key(path: Source, password: bytes | str | None = None) -> PrivateKey:
+def load_private_key(
+    path: Source,
+    password: bytes | str | None = None,
+    *,
+    passphrase_hint: str = "password=..., or --key-pass-env / --key-pass-file",
+) -> PrivateKey:
     raw = _read(path, "key")
     pw = password.encode() if isinstance(password, str) else password
     where = repr(os.fspath(path))
@@ -87,8 +95,7 @@ def load_private_key(path: Source, password: bytes | str | None = None) -> Priva
     except TypeError:
         if pw is None:
             raise ConfigError(
-                f"key file {where} is encrypted: give its passphrase "
-                "(password=..., or --key-pass-env / --key-pass-file)"
+                f"key file {where} is encrypted: give its passphrase ({passphrase_hint})"
             ) from None
         raise ConfigError(f"key file {where} is not encrypted, but a passphrase was given") from None
     except ValueError:
@@ -107,16 +114,44 @@ def load_private_key(path: Source, password: bytes | str | None = None) -> Priva
     return key
 
 
+def warn_if_not_current(cert: x509.Certificate, where: str) -> None:
+    """Log a warning when our own certificate is expired or not yet valid: peers will refuse it."""
+    now = _utcnow()
+    if now > cert.not_valid_after_utc:
+        log.warning(
+            "%s (%r) expired on %s UTC; peers will refuse it: issue a new one (securechan cert issue)",
+            where, describe(cert), f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S}",
+        )
+    elif now < cert.not_valid_before_utc:
+        log.warning(
+            "%s (%r) is not valid before %s UTC; peers will refuse it until then (check this machine's clock)",
+            where, describe(cert), f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S}",
+        )
+
+
+def warn_if_not_ca(certs: Sequence[x509.Certificate], where: str) -> None:
+    """A trust anchor that is not a CA certificate is trusted as itself only; say so, it is rarely meant."""
+    for cert in certs:
+        try:
+            is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if not is_ca:
+            log.warning(
+                "%s holds %r, which is not a CA certificate: it is trusted as an anchor for itself only; "
+                "give the CA that issued the server certificate (or use pin= to trust one key)",
+                where, describe(cert),
+            )
+
+
 def check_key_permissions(path: Source) -> None:
     """Warn (through logging) about a private key that other users can read."""
-    import logging
-
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return
     if os.name == "posix" and mode & 0o077:
-        logging.getLogger("securechan").warning(
+        log.warning(
             "private key %r is readable by other users (mode %o); run: chmod 600 %s",
             os.fspath(path),
             mode & 0o777,
@@ -402,7 +437,7 @@ def _diagnose(
             listed = ", ".join(repr(n) for n in names)
             raise NameMismatchError(
                 f"certificate for {label!r} is not valid for server name {wanted_name!r} (it covers {listed}); "
-                "connect with server_name= one of those names, or reissue the certificate with this name"
+                "connect using one of those names as the server name, or reissue the certificate with this name"
             )
     issuer = leaf.issuer.rfc4514_string()
     raise UnknownCAError(

@@ -23,6 +23,8 @@ from .certs import (
     load_private_key,
     make_store,
     parse_pin,
+    warn_if_not_ca,
+    warn_if_not_current,
 )
 from .clientauth import scheme_for_key
 from .errors import ConfigError
@@ -117,6 +119,7 @@ class ClientConfig(_Common):
         certs: list[x509.Certificate] = []
         if self.cafile is not None:
             certs += load_certificates(self.cafile, what="CA")
+            warn_if_not_ca(certs, f"CA file {os.fspath(self.cafile)!r}")
         if self.cadata is not None:
             certs += load_certificates(data=self.cadata, what="CA")
         if certs:
@@ -148,6 +151,7 @@ class ClientConfig(_Common):
         where = f"{os.fspath(self.certfile)!r} / {os.fspath(self.keyfile)!r}"
         check_key_matches(chain[0], key, where)
         check_leaf_role(chain[0], "client", f"certificate file {os.fspath(self.certfile)!r}")
+        warn_if_not_current(chain[0], f"client certificate {os.fspath(self.certfile)!r}")
         scheme_for_key(key)  # RSA 2048+, EC P-256 or Ed25519
         _set(self, "_identity_chain", tuple(chain))
         _set(self, "_identity_der", tuple(c.public_bytes(Encoding.DER) for c in chain))
@@ -210,6 +214,7 @@ class ServerConfig(_Common):
         key = load_private_key(self.keyfile, self.password)
         check_key_matches(chain[0], key, f"{os.fspath(self.certfile)!r} / {os.fspath(self.keyfile)!r}")
         check_leaf_role(chain[0], "server", f"certificate file {os.fspath(self.certfile)!r}")
+        warn_if_not_current(chain[0], f"server certificate {os.fspath(self.certfile)!r}")
         if not isinstance(key, rsa.RSAPrivateKey):
             raise ConfigError(
                 f"server key {os.fspath(self.keyfile)!r} is {_key_kind(key)}; the securechan key wrap "

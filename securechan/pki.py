@@ -228,7 +228,7 @@ def load_ca_folder(directory: str | os.PathLike[str], password: bytes | None = N
             f"{os.fspath(d)!r} holds no CA ({CA_CERT} and {CA_KEY}); create one with: securechan ca init --dir {d}"
         )
     chain = load_certificates(d / CA_CERT, what="CA certificate")
-    key = load_private_key(d / CA_KEY, password)
+    key = load_private_key(d / CA_KEY, password, passphrase_hint="--ca-pass-env / --ca-pass-file")
     check_key_matches(chain[0], key, f"{os.fspath(d / CA_CERT)!r} / {os.fspath(d / CA_KEY)!r}")
     ca = chain[0]
     try:

@@ -102,7 +102,9 @@ def _ca_init(args: argparse.Namespace) -> int:
     parent = None
     if args.parent is not None:
         parent = pki.load_ca_folder(args.parent, _passphrase(args, "parent"))
-    name = args.name or ("securechan intermediate CA" if parent else "securechan CA")
+    # A distinct default name, so an error that names the issuing CA tells two CAs apart.
+    suffix = os.urandom(3).hex()
+    name = args.name or (f"securechan intermediate CA {suffix}" if parent else f"securechan CA {suffix}")
     ca = pki.init_ca_folder(
         args.dir, name, key_type=args.key_type, days=args.days, parent=parent,
         password=_passphrase(args, "key"), overwrite=args.force,

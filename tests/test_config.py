@@ -125,3 +125,20 @@ def test_wrong_config_role(pki_dir) -> None:
             await securechan.open_connection("127.0.0.1", 1, config=pki_dir.server_config())  # type: ignore[arg-type]
 
     asyncio.run(go())
+
+
+def test_own_expired_certificate_warns_at_startup(pki_dir, caplog) -> None:
+    import datetime
+
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)
+    crt, key = pki_dir.issue("stale.example", not_before=past - datetime.timedelta(days=30), not_after=past)
+    securechan.ServerConfig(certfile=crt, keyfile=key)
+    assert any("expired on" in r.message and "peers will refuse it" in r.message for r in caplog.records)
+
+
+def test_leaf_certificate_as_trust_anchor_warns(pki_dir, caplog) -> None:
+    securechan.ClientConfig(cafile=pki_dir.server_cert)
+    assert any("is not a CA certificate" in r.message for r in caplog.records)
+    caplog.clear()
+    pki_dir.client_config()
+    assert not any("is not a CA certificate" in r.message for r in caplog.records)

@@ -198,7 +198,8 @@ def test_encrypted_keys_with_passphrase_from_env_or_file(tmp_path: Path, capsys,
     assert b"ENCRYPTED" in (tmp_path / "ca" / "ca.key").read_bytes()
     out = str(tmp_path / "a")
     code, _, err = cli(capsys, "cert", "issue", "--ca", ca, "--name", "a", "--client", "--out", out)
-    assert code == 1 and "is encrypted: give its passphrase" in err and "--key-pass-env" in err
+    # the hint names the flags for the CA's key (--key-pass-* would encrypt the new key instead)
+    assert code == 1 and "is encrypted: give its passphrase (--ca-pass-env / --ca-pass-file)" in err
     monkeypatch.setenv("WRONG", "nope")
     code, _, err = cli(capsys, "cert", "issue", "--ca", ca, "--name", "a", "--client", "--out", out,
                        "--ca-pass-env", "WRONG")
@@ -255,3 +256,13 @@ def test_wrong_role_certificates_are_refused_by_configs(tmp_path: Path, capsys) 
     with pytest.raises(securechan.ConfigError, match="cannot be used as a client certificate"):
         securechan.ClientConfig(cafile=tmp_path / "ca" / "ca.crt", certfile=tmp_path / "srv.crt",
                                 keyfile=tmp_path / "srv.key")
+
+
+def test_default_ca_names_are_distinct(tmp_path: Path, capsys) -> None:
+    """Errors name the issuing CA; two CAs made with the defaults must not share a name."""
+    names = []
+    for d in ("one", "two"):
+        assert cli(capsys, "ca", "init", "--dir", str(tmp_path / d))[0] == 0
+        cert = x509.load_pem_x509_certificate((tmp_path / d / "ca.crt").read_bytes())
+        names.append(cert.subject.rfc4514_string())
+    assert names[0] != names[1] and all(n.startswith("CN=securechan CA ") for n in names)

@@ -72,7 +72,7 @@ class TunnelSpec:
         if self.connect_retries < 0 or self.retry_delay < 0:
             raise ConfigError("connect_retries and retry_delay (--connect-retries/--retry-delay) must not be negative")
         if (self.cert is None) != (self.key is None):
-            raise ConfigError("cert and key (--cert/--key) go together: give both or neither")
+            raise ConfigError("cert and key (--cert/--key) go together: give both (a client tunnel may give neither)")
         if self.mode == "server":
             if self.cert is None:
                 raise ConfigError("a server tunnel needs its certificate and key: --cert FILE --key FILE")
