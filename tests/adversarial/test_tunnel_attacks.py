@@ -106,15 +106,26 @@ async def run_through_tunnels(pki_dir, attack: Attack) -> tuple[Session, bytes, 
         try:
             async with tunnelkit.running(tunnelkit.client_spec(pki_dir, f"127.0.0.1:{proxy_port}")) as (client_tunnel,):
                 reply, client_end = await plain_round_trip(client_tunnel.port)
-                await asyncio.wait_for(target.sessions[0].done.wait(), 15)
+                # The attack may end the secure stream before the server tunnel reached the target
+                # (then the target saw no connection at all); wait until the tunnel is done with it.
+                await tunnelkit.until(lambda: server_tunnel.active == 0, 15)
+                if target.sessions:
+                    attacked = target.sessions[0]
+                    await asyncio.wait_for(attacked.done.wait(), 15)
+                else:
+                    attacked = Session()
+                    attacked.ending.append("never connected")
+                seen = len(target.sessions)
                 proxy.attack = Attack()  # the attacker stops; the tunnels keep serving
                 again, again_end = await plain_round_trip(client_tunnel.port)
-                await asyncio.wait_for(target.sessions[1].done.wait(), 15)
+                await tunnelkit.until(lambda: len(target.sessions) > seen, 15)
+                honest = target.sessions[seen]
+                await asyncio.wait_for(honest.done.wait(), 15)
                 assert (again, again_end) == (b"got it", "eof")
-                assert bytes(target.sessions[1].data) == PAYLOAD and target.sessions[1].ending == ["eof"]
+                assert bytes(honest.data) == PAYLOAD and honest.ending == ["eof"]
         finally:
             await proxy.close()
-    return target.sessions[0], reply, client_end
+    return attacked, reply, client_end
 
 
 async def test_honest_tunnel_through_passive_proxy(pki_dir) -> None:
