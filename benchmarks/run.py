@@ -48,12 +48,12 @@ class Plan:
 
 
 FULL = Plan(name="full", runs=5, warmup=1, cipher_sizes=(KiB, 4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, MiB),
-            cipher_suites=tuple(Suite), cipher_volume=32 * MiB, bulk_bytes=256 * MiB,
+            cipher_suites=tuple(Suite), cipher_volume=64 * MiB, bulk_bytes=256 * MiB,
             record_sizes=(16 * KiB, 32 * KiB, 64 * KiB, 128 * KiB, 256 * KiB, MiB), latency_count=2000,
             many_bytes=256 * MiB, streams=64, idle_connections=1000, handshake_count=300,
             concurrency=(1, 4, 8, 16, 32))
 QUICK = Plan(name="quick", runs=3, warmup=1, cipher_sizes=(KiB, 16 * KiB, 64 * KiB, 256 * KiB, MiB),
-             cipher_suites=(Suite.AES_256_GCM,), cipher_volume=8 * MiB, bulk_bytes=64 * MiB,
+             cipher_suites=(Suite.AES_256_GCM,), cipher_volume=32 * MiB, bulk_bytes=64 * MiB,
              record_sizes=(16 * KiB, 64 * KiB, 256 * KiB), latency_count=500, many_bytes=64 * MiB, streams=64,
              idle_connections=1000, handshake_count=100, concurrency=(1, 32))
 #: For the smoke test: every code path, tiny sizes, meaningless numbers.

@@ -126,15 +126,16 @@ def stunnel(target: int, pki: BenchPKI, work: Path) -> Iterator[int]:
     mid, front = free_port(), free_port()
     common = "foreground = yes\npid =\nsyslog = no\ndebug = 3\nsslVersionMin = TLSv1.3\n" \
              "ciphersuites = TLS_AES_256_GCM_SHA384\n"
-    (work / "stunnel-server.conf").write_text(
+    server_conf, client_conf = work / f"stunnel-server-{target}.conf", work / f"stunnel-client-{target}.conf"
+    server_conf.write_text(
         common + f"[srv]\naccept = 127.0.0.1:{mid}\nconnect = 127.0.0.1:{target}\ncert = {pki.combined}\n")
-    (work / "stunnel-client.conf").write_text(
+    client_conf.write_text(
         common + f"client = yes\n[cli]\naccept = 127.0.0.1:{front}\nconnect = 127.0.0.1:{mid}\n"
         f"CAfile = {pki.ca}\nverifyChain = yes\ncheckIP = 127.0.0.1\n")
     procs = Procs(work)
     try:
-        procs.start([exe, str(work / "stunnel-server.conf")], SERVER_CPU)
-        procs.start([exe, str(work / "stunnel-client.conf")], CLIENT_CPU)
+        procs.start([exe, str(server_conf)], SERVER_CPU)
+        procs.start([exe, str(client_conf)], CLIENT_CPU)
         wait_port(mid)
         wait_port(front)
         yield front
@@ -144,7 +145,7 @@ def stunnel(target: int, pki: BenchPKI, work: Path) -> Iterator[int]:
 
 @contextlib.contextmanager
 def spiped(target: int, pki: BenchPKI, work: Path) -> Iterator[int]:
-    key = work / "spiped.key"
+    key = work / f"spiped-{target}.key"
     key.write_bytes(os.urandom(32))
     os.chmod(key, 0o600)
     mid, front = free_port(), free_port()
@@ -226,6 +227,48 @@ def redis_rps(port: int, requests: int, clients: int, keepalive: bool) -> float:
     raise RuntimeError(f"redis-benchmark gave no PING figure: {done.stdout.strip()} {done.stderr.strip()}")
 
 
+def _interleaved(contenders: dict[str, Any], target: int, pki: BenchPKI, work: Path, count: int, warmup: int,
+                 notes: dict[str, str], load: Callable[[int], float], unit: str,
+                 progress: Callable[[int], None]) -> dict[str, Any]:
+    """Run ``load`` through every contender at once, round by round, the order rotating each round.
+
+    All contenders for ``target`` are started before the first round, so load from elsewhere
+    on the machine, and the TIME_WAIT sockets earlier rounds leave, fall on all of them alike.
+    Each contender's first ``warmup`` rounds are not counted.
+    """
+    values: dict[str, list[float]] = {}
+    with contextlib.ExitStack() as stack:
+        ports: dict[str, int] = {}
+        for name, ctx in contenders.items():
+            try:
+                ports[name] = stack.enter_context(ctx(target, pki, work))
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                notes[name] = f"failed to start: {exc}"
+        names = list(ports)
+        for i in range(count):
+            progress(i + 1)
+            for name in names[i % len(names):] + names[: i % len(names)] if names else []:
+                if name not in ports:
+                    continue  # failed in an earlier round
+                try:
+                    value = load(ports[name])
+                except subprocess.TimeoutExpired as exc:
+                    notes[name] = f"failed: {Path(exc.cmd[0]).name} did not finish within {exc.timeout:g} s"
+                    del ports[name]
+                    continue
+                except (RuntimeError, subprocess.SubprocessError, OSError, KeyError, ValueError) as exc:
+                    notes[name] = f"failed: {exc}"
+                    del ports[name]
+                    continue
+                if i >= warmup:
+                    values.setdefault(name, []).append(value)
+    return {name: summary(vals, unit) for name, vals in values.items() if name in ports}
+
+
+def _rounds(progress: Callable[[str], None], title: str, count: int) -> Callable[[int], None]:
+    return lambda i: progress(f"tunnel: {title}, round {i}/{count}")
+
+
 def measure(pki: BenchPKI, work: Path, quick: bool, runs: int, warmup: int,
             progress: Callable[[str], None], tiny: bool = False) -> dict[str, Any]:
     contenders, notes = available()
@@ -249,23 +292,20 @@ def measure(pki: BenchPKI, work: Path, quick: bool, runs: int, warmup: int,
         seconds = 1.0 if tiny or quick else 3.0
         requests = 500 if tiny else 10_000 if quick else 50_000
         new_conn_requests = 100 if tiny else 500 if quick else 2_000
-        for name, ctx in contenders.items():
-            progress(f"tunnel: {name}")
-            try:
-                if have_iperf:
-                    with ctx(iperf_port, pki, work) as port:
-                        vals = [iperf3(port, seconds) for _ in range(warmup + runs)][warmup:]
-                        results["iperf3"][name] = summary(vals, "bit/s")
-                if have_redis:
-                    with ctx(redis_port, pki, work) as port:
-                        vals = [redis_rps(port, requests, 50, True) for _ in range(warmup + runs)][warmup:]
-                        results["redis_ping_c50"][name] = summary(vals, "req/s")
-                        vals = [redis_rps(port, new_conn_requests, 50, False) for _ in range(warmup + runs)][warmup:]
-                        results["redis_new_conn"][name] = summary(vals, "conn/s")
-            except subprocess.TimeoutExpired as exc:
-                results["notes"][name] = f"failed: {Path(exc.cmd[0]).name} did not finish within {exc.timeout:g} s"
-            except (RuntimeError, subprocess.SubprocessError, OSError, KeyError, ValueError) as exc:
-                results["notes"][name] = f"failed: {exc}"
+        count = warmup + runs
+        if have_iperf:
+            results["iperf3"] = _interleaved(
+                contenders, iperf_port, pki, work, count, warmup, results["notes"],
+                lambda port: iperf3(port, seconds), "bit/s", _rounds(progress, "iperf3", count))
+        if have_redis:
+            loads = {
+                "redis_ping_c50": (lambda port: redis_rps(port, requests, 50, True), "req/s", "redis PING"),
+                "redis_new_conn": (lambda port: redis_rps(port, new_conn_requests, 50, False), "conn/s",
+                                   "redis new connections"),
+            }
+            for key, (load, unit, title) in loads.items():
+                results[key] = _interleaved(contenders, redis_port, pki, work, count, warmup, results["notes"],
+                                            load, unit, _rounds(progress, title, count))
     finally:
         services.stop()
     return results

@@ -254,7 +254,7 @@ class SecureProtocol(asyncio.BufferedProtocol):
             # The connection is gone (or failed after the records being delivered now);
             # as with asyncio transports, drop the write: drain()/read() report why.
             return
-        tcp.write(self._conn.seal(data))
+        tcp.writelines(self._conn.seal_parts(data))
 
     def _app_write_eof(self) -> None:
         if self._conn.send_closed:

@@ -15,7 +15,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from .errors import BadRecordMACError, InternalError
-from .frames import HEADER_LEN, TAG_LEN, FrameType
+from .frames import TAG_LEN, FrameType
 from .keyschedule import next_traffic_secret, traffic_key_iv
 from .suites import Suite
 
@@ -64,22 +64,17 @@ class _Direction:
 class Sealer(_Direction):
     """Protects outgoing records."""
 
-    def seal_into(self, ftype: FrameType, payload: memoryview | bytes, out: bytearray, offset: int) -> int:
-        """Write one whole frame (head + ciphertext + tag) into ``out`` at ``offset``; return the new offset."""
+    def seal_parts(self, ftype: FrameType, payload: memoryview | bytes) -> tuple[bytes, bytes]:
+        """One whole frame as two buffers: its head, then ciphertext and tag (the head is the AAD)."""
         n = len(payload)
         head = _HEAD.pack(0x92, ftype, 0xC6, n + TAG_LEN)
-        end = offset + HEADER_LEN + n + TAG_LEN
-        out[offset : offset + HEADER_LEN] = head
-        self._aead.encrypt_into(  # type: ignore[union-attr]
-            self._next_nonce(), payload, head, memoryview(out)[offset + HEADER_LEN : end]
-        )
+        sealed = self._aead.encrypt(self._next_nonce(), payload, head)  # type: ignore[union-attr]
         self.bytes += n
-        return end
+        return head, sealed
 
     def seal(self, ftype: FrameType, payload: bytes) -> bytes:
-        out = bytearray(HEADER_LEN + len(payload) + TAG_LEN)
-        self.seal_into(ftype, payload, out, 0)
-        return bytes(out)
+        head, sealed = self.seal_parts(ftype, payload)
+        return head + sealed
 
 
 class Opener(_Direction):

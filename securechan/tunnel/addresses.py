@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import ConfigError
@@ -57,16 +58,24 @@ def parse_address(text: str, what: str = "address") -> Address:
     return Address(host=host or None, port=port)
 
 
-async def connect(address: Address, timeout: float | None, retries: int = 0, retry_delay: float = 0.5) -> socket.socket:
-    """A connected, non-blocking socket to ``address``; each attempt is bounded by ``timeout``.
+async def connect(
+    address: Address,
+    protocol_factory: Callable[[], asyncio.BaseProtocol],
+    timeout: float | None,
+    retries: int = 0,
+    retry_delay: float = 0.5,
+) -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
+    """Connect to ``address`` with ``protocol_factory``, as ``loop.create_connection`` does.
 
+    Each attempt is bounded by ``timeout``, and every resolved address is tried in turn.
     Raises ``OSError`` (``TimeoutError`` for a timeout) from the last attempt.
     """
     loop = asyncio.get_running_loop()
     attempt = 0
     while True:
         try:
-            return await asyncio.wait_for(_connect_once(loop, address), timeout)
+            async with asyncio.timeout(timeout):
+                return await _connect_once(loop, address, protocol_factory)
         except OSError:
             if attempt >= retries:
                 raise
@@ -74,30 +83,17 @@ async def connect(address: Address, timeout: float | None, retries: int = 0, ret
             await asyncio.sleep(retry_delay)
 
 
-async def _connect_once(loop: asyncio.AbstractEventLoop, address: Address) -> socket.socket:
+async def _connect_once(
+    loop: asyncio.AbstractEventLoop, address: Address, protocol_factory: Callable[[], asyncio.BaseProtocol]
+) -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
     if address.path is not None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)
-            await loop.sock_connect(sock, address.path)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        return await loop.create_unix_connection(protocol_factory, address.path)
     infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
     last: OSError = OSError(f"{address} resolved to no address")
-    for family, type_, proto, _, sockaddr in infos:
-        sock = socket.socket(family, type_, proto)
+    for family, _, _, _, sockaddr in infos:
         try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await loop.sock_connect(sock, sockaddr)
+            # One numeric address per attempt, so the error of each stays typed (refused, timeout).
+            return await loop.create_connection(protocol_factory, str(sockaddr[0]), int(sockaddr[1]), family=family)
         except OSError as exc:
-            sock.close()
             last = exc
-            continue
-        except BaseException:
-            sock.close()
-            raise
-        return sock
     raise last

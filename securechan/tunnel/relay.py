@@ -1,31 +1,41 @@
-"""The bidirectional relay between a plain TCP (or Unix) stream and a securechan stream.
+"""The bidirectional relay between a plain TCP (or Unix) connection and a securechan connection.
 
 Theory of operation
 -------------------
-One pump per direction: read at most ``chunk`` bytes, write them, ``await drain()``. A
-pump never reads again until the far side accepted what it wrote, so a slow reader on
-either end pauses reading on the other and the bytes this process holds per connection
-stay bounded (two stream-reader buffers, two transport write buffers, one chunk each way),
-whatever the ends do.
+A relay is two asyncio protocols, one per connection (:class:`End`), each the other's
+sink: what one end's transport delivers in ``data_received`` is written straight to the
+other end's transport. No task, stream reader or intermediate buffer sits in between, so a
+relayed message costs one callback and one ``write`` per hop (for the secure end, the write
+seals the record).
 
-Half-close travels both ways. A plain EOF becomes ``write_eof()`` on the secure stream
-(close_notify, then TCP shutdown of the write side); a close_notify from the secure
-peer becomes ``shutdown(SHUT_WR)`` on the plain socket. The other direction keeps flowing
-until it ends too, so a client that shuts down its write side still gets the whole reply.
+Flow control is the transports' own: when one end's write buffer passes its high-water mark,
+asyncio calls that end's ``pause_writing`` and the relay pauses *reading* on the other end;
+``resume_writing`` resumes it. The bytes this process holds per connection are therefore
+bounded by the two write buffers plus one read's worth, whatever the ends do.
 
-Failures are never laundered into a clean EOF. A secure stream that ends without
-close_notify (``TruncationError``), fails authentication, or is reset makes the relay
-abort the plain side with an RST (``SO_LINGER`` 0), and a plain side that is reset makes
-the relay reset the secure side without close_notify, which the far end reports as a
-reset (a ``ConnectionResetError``; ``TruncationError`` is one too). An application on
-either end can therefore tell a complete stream from a cut one.
+Until both ends are connected (the target connect and the handshake take time), the
+connection that exists first is paused; anything it delivered before the pause took effect
+(at most one read) is kept and written as soon as the other end exists.
 
-Idle timeout, maximum lifetime and the shutdown deadline are enforced by the task that
-awaits the two pumps. Activity is progress in either direction: a read, or a write that
-the far side accepted (``drain()`` returned). All three *abort* both sides: a stream whose
-source never ended it (no EOF, no close_notify) is not complete, and this process cannot
-see what the network or a withholding attacker still holds, so a clean close could pass a
-prefix off as the whole stream. A pump that dies of an unexpected error aborts too.
+Half-close travels both ways. A plain EOF becomes ``write_eof()`` on the secure end
+(close_notify, then TCP shutdown of the write side); a close_notify from the secure peer
+becomes ``write_eof()`` (``shutdown(SHUT_WR)``) on the plain end. The other direction keeps
+flowing until it ends too, so a client that shuts down its write side still gets the whole
+reply. When both directions have ended, both transports are closed after their buffers
+flushed (bounded by :data:`CLOSE_GRACE`).
+
+Failures are never laundered into a clean EOF. A secure connection that ends without
+close_notify (``TruncationError``), fails authentication, or is reset makes the relay abort
+the plain end with an RST (``SO_LINGER`` 0), and a plain end that is reset makes the relay
+reset the secure end without close_notify, which the far side reports as a reset (a
+``ConnectionResetError``; ``TruncationError`` is one too). An application on either side can
+therefore tell a complete stream from a cut one.
+
+Idle timeout and maximum lifetime are one timer. Activity is progress in either direction:
+a read, or a write buffer that drained (``resume_writing``). Both *abort* both ends: a stream
+whose source never ended it (no EOF, no close_notify) is not complete, and this process
+cannot see what the network or a withholding attacker still holds, so a clean close could
+pass a prefix off as the whole stream.
 """
 
 from __future__ import annotations
@@ -34,12 +44,11 @@ import asyncio
 import contextlib
 import socket
 import struct
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import cast
 
 from ..errors import SecureChannelError, TruncationError
 
-CHUNK = 64 * 1024
 #: How long a finished relay waits for its write buffers to reach the peers before aborting.
 CLOSE_GRACE = 10.0
 
@@ -53,92 +62,176 @@ def reset(transport: asyncio.BaseTransport) -> None:
     cast(asyncio.Transport, transport).abort()
 
 
-@dataclass
-class Side:
-    """One end of a relay: a stream pair, whether it is the securechan side, and its name in logs."""
+class End(asyncio.Protocol):
+    """One connection of a relay: the protocol asyncio (or securechan) delivers its events to."""
 
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    secure: bool
-    label: str
-    eof: bool = field(default=False, init=False)
+    def __init__(self, relay: Relay, label: str, secure: bool) -> None:
+        self.relay = relay
+        self.label = label
+        self.secure = secure
+        self.transport: asyncio.Transport | None = None
+        self.peer: End | None = None
+        #: This end's input ended cleanly (EOF on plain, close_notify on securechan).
+        self.eof = False
+        self.lost = False
+        self.bytes_in = 0
+        #: Input delivered before the other end existed (at most one read: reading is paused).
+        self._early: list[bytes] = []
+        self._peer_full = False  # the other end's write buffer is above its high-water mark
+        #: Called once this end's connection exists (the tunnel admits it and starts the other end).
+        self.on_connected: Callable[[End], None] | None = None
 
-    def held_bytes(self) -> int:
-        """Bytes this process holds for this end: unread input plus unsent output."""
-        transport = self.writer.transport
-        pending = 0 if transport.is_closing() else transport.get_write_buffer_size()
-        return len(self.reader._buffer) + pending  # type: ignore[attr-defined]
+    # -- asyncio.Protocol -------------------------------------------------------------------
 
-    def abort(self) -> None:
-        """Drop the connection: an RST on TCP, no close_notify on securechan."""
-        reset(self.writer.transport)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        if not self.relay.wired:
+            self.transport.pause_reading()
+        self.relay._end_connected(self)
+        if self.on_connected is not None:
+            self.on_connected(self)
 
-    def write_eof(self) -> None:
-        transport = self.writer.transport
-        if transport.is_closing():
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        relay = self.relay
+        relay.last_activity = relay.loop.time()
+        peer = self.peer
+        if peer is None:
+            self._early.append(data)
+            return
+        out = peer.transport
+        if out is not None and not peer.lost:
+            out.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        relay = self.relay
+        relay.last_activity = relay.loop.time()
+        if relay.first_eof is None:
+            relay.first_eof = self.label
+        if self.peer is not None:
+            self.peer.send_eof()
+            relay._maybe_finish()
+        return True  # keep the other direction open (half-close)
+
+    def pause_writing(self) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+            peer._peer_full = True
+            peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        relay = self.relay
+        relay.last_activity = relay.loop.time()
+        peer = self.peer
+        if peer is not None and peer._peer_full:
+            peer._peer_full = False
+            if peer.transport is not None and not peer.transport.is_closing() and not peer.eof:
+                peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.relay._end_lost(self, exc)
+
+    # -- used by the relay ------------------------------------------------------------------
+
+    def wire(self, peer: End) -> None:
+        """Start relaying to ``peer``: hand over what arrived early, then read."""
+        self.peer = peer
+        early, self._early = self._early, []
+        for data in early:
+            peer.transport.write(data)  # type: ignore[union-attr]
+        if self.eof:
+            peer.send_eof()
+        elif self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def send_eof(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
             return
         if transport.can_write_eof():
             transport.write_eof()
         else:
             transport.close()
 
+    def held_bytes(self) -> int:
+        transport = self.transport
+        pending = 0 if transport is None or transport.is_closing() else transport.get_write_buffer_size()
+        return pending + sum(map(len, self._early))
+
+    def abort(self) -> None:
+        """Drop the connection: an RST on TCP, no close_notify on securechan."""
+        if self.transport is not None and not self.lost:
+            reset(self.transport)
+
 
 class Relay:
-    """Relay bytes between ``client`` and ``target`` until both directions ended or the relay is stopped."""
+    """Relay bytes between the ``client`` end and the ``target`` end until both directions ended or it is stopped.
+
+    The owner creates the relay, hands :attr:`client` and :attr:`target` to asyncio as the
+    protocols of the two connections, calls :meth:`start` once both are connected, and awaits
+    :meth:`wait` for the reason it ended.
+    """
 
     def __init__(
         self,
-        client: Side,
-        target: Side,
         *,
+        client_secure: bool,
         idle_timeout: float | None = None,
         max_lifetime: float | None = None,
-        chunk: int = CHUNK,
     ) -> None:
-        self.client = client
-        self.target = target
+        self.loop = asyncio.get_running_loop()
+        self.client = End(self, "client", client_secure)
+        self.target = End(self, "target", not client_secure)
         self.idle_timeout = idle_timeout
         self.max_lifetime = max_lifetime
-        self.chunk = chunk
-        #: Bytes relayed client -> target and target -> client.
-        self.up = 0
-        self.down = 0
         #: Why the relay ended; the first cause wins.
         self.reason: str | None = None
         self.failed = False
-        self._loop = asyncio.get_running_loop()
-        self.started = self._loop.time()
-        self._last_activity = self.started
-        self._pumps: list[asyncio.Task[None]] = []
-        self._first_eof: str | None = None
-        self._writing = 0  # pumps waiting for the far side to accept a chunk
+        self.wired = False
+        self.first_eof: str | None = None
+        self.started = self.loop.time()
+        self.last_activity = self.started
+        self._finishing = False
+        self._done: asyncio.Future[str] = self.loop.create_future()
+        self._timer: asyncio.TimerHandle | None = None
+        self._grace: asyncio.TimerHandle | None = None
 
     # -- public -----------------------------------------------------------------------------
 
-    async def run(self) -> str:
-        self._pumps = [
-            asyncio.ensure_future(self._pump(self.client, self.target, up=True)),
-            asyncio.ensure_future(self._pump(self.target, self.client, up=False)),
-        ]
-        pending: set[asyncio.Task[None]] = set(self._pumps)
+    @property
+    def up(self) -> int:
+        """Bytes relayed client -> target."""
+        return self.client.bytes_in
+
+    @property
+    def down(self) -> int:
+        """Bytes relayed target -> client."""
+        return self.target.bytes_in
+
+    def start(self) -> None:
+        """Both ends are connected: relay what each delivered so far, then everything that follows."""
+        if self.reason is not None:
+            return  # stopped while connecting
+        self.wired = True
+        self.started = self.last_activity = self.loop.time()
+        self.client.wire(self.target)
+        self.target.wire(self.client)
+        self._arm_timer()
+        self._maybe_finish()
+
+    async def wait(self) -> str:
+        """Wait for the relay to end; returns why. Cancelling the wait stops the relay."""
         try:
-            while pending:
-                done, pending = await asyncio.wait(pending, timeout=self._next_check())
-                for task in done:
-                    if not task.cancelled() and task.exception() is not None:
-                        self.stop(f"relay failed: {_describe(task.exception())}")  # type: ignore[arg-type]
-                if pending:
-                    self._check_timers()
-            if self.reason is None:
-                self.reason = f"{self._first_eof or 'client'} closed first, then the other side"
-            await self._close_both()
+            return await asyncio.shield(self._done)
         except asyncio.CancelledError:
             self.stop("cancelled")
             raise
-        finally:
-            for task in self._pumps:
-                task.cancel()
-        return self.reason
+
+    async def run(self) -> str:
+        self.start()
+        return await self.wait()
 
     def stop(self, reason: str) -> None:
         """End the relay now: drop both ends (RST on TCP, no close_notify on securechan)."""
@@ -147,94 +240,106 @@ class Relay:
             self.failed = True
         self.client.abort()
         self.target.abort()
-        current = asyncio.current_task()
-        for task in self._pumps:
-            if task is not current:
-                task.cancel()
+        self._settle()
 
     def held_bytes(self) -> int:
+        """Bytes this process holds for the connection: unsent output and input not yet relayed."""
         return self.client.held_bytes() + self.target.held_bytes()
 
     @property
     def duration(self) -> float:
-        return self._loop.time() - self.started
+        return self.loop.time() - self.started
 
-    # -- internals ----------------------------------------------------------------------------
+    # -- events from the ends ------------------------------------------------------------------
 
-    async def _pump(self, src: Side, dst: Side, *, up: bool) -> None:
-        while True:
-            try:
-                data = await src.reader.read(self.chunk)
-            except TruncationError:
-                self.stop(f"{src.label} connection ended without close_notify (truncated); "
-                          f"{dst.label} connection aborted")
-                return
-            except SecureChannelError as exc:
-                self.stop(f"{src.label} channel failed: {exc}")
-                return
-            except OSError as exc:
-                self.stop(f"{src.label} connection reset ({exc.strerror or type(exc).__name__})")
-                return
-            if not data:
-                break
-            self._last_activity = self._loop.time()
-            if up:
-                self.up += len(data)
+    def _end_connected(self, end: End) -> None:
+        if self.reason is not None:  # stopped before this end was connected
+            end.abort()
+
+    def _end_lost(self, end: End, exc: Exception | None) -> None:
+        if self._finishing or self.reason is not None:
+            self._settle()
+            return
+        other = end.peer or (self.target if end is self.client else self.client)
+        if end.secure:
+            if isinstance(exc, TruncationError):
+                why = f"{end.label} connection ended without close_notify (truncated)"
+            elif isinstance(exc, SecureChannelError):
+                why = f"{end.label} channel failed: {exc}"
+            elif exc is not None:
+                why = f"{end.label} connection reset ({_describe(exc)})"
             else:
-                self.down += len(data)
-            self._writing += 1
-            try:
-                dst.writer.write(data)
-                await dst.writer.drain()
-            except (OSError, SecureChannelError) as exc:
-                self.stop(f"{dst.label} went away while receiving ({_describe(exc)})")
-                return
-            finally:
-                self._writing -= 1
-            self._last_activity = self._loop.time()
-        src.eof = True
-        if self._first_eof is None:
-            self._first_eof = src.label
-        try:
-            dst.write_eof()
-            await dst.writer.drain()
-        except (OSError, SecureChannelError) as exc:
-            self.stop(f"{dst.label} went away before the end of the stream ({_describe(exc)})")
+                why = f"{end.label} connection closed before the end of the stream"
+        elif exc is not None:
+            why = f"{end.label} connection reset ({_describe(exc)})"
+        elif end.eof:
+            # Closed after its EOF: its input is complete; the other direction cannot finish.
+            why = f"{end.label} went away before the end of the stream"
+        else:
+            why = f"{end.label} connection closed before the end of the stream"
+        self.stop(f"{why}; {other.label} connection aborted")
 
-    def _next_check(self) -> float | None:
+    def _maybe_finish(self) -> None:
+        if self._finishing or not (self.client.eof and self.target.eof) or self.reason is not None:
+            return
+        self._finishing = True
+        self.reason = f"{self.first_eof or 'client'} closed first, then the other side"
+        self._cancel_timer()
+        for end in (self.client, self.target):
+            if end.transport is not None and not end.lost:
+                end.transport.close()  # after the buffer flushed
+        self._grace = self.loop.call_later(CLOSE_GRACE, self._grace_over)
+        self._settle()
+
+    def _grace_over(self) -> None:
+        self._grace = None
+        self.client.abort()
+        self.target.abort()
+
+    def _settle(self) -> None:
+        """Resolve :meth:`wait` once the relay ended and both connections are gone."""
+        if self._done.done():
+            return
+        self._cancel_timer()
+        connected = [end for end in (self.client, self.target) if end.transport is not None]
+        if all(end.lost for end in connected):
+            if self._grace is not None:
+                self._grace.cancel()
+                self._grace = None
+            self._done.set_result(self.reason or "closed")
+
+    # -- timers ---------------------------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
         deadlines = []
         if self.idle_timeout is not None:
-            deadlines.append(self._last_activity + self.idle_timeout)
+            deadlines.append(self.last_activity + self.idle_timeout)
         if self.max_lifetime is not None:
             deadlines.append(self.started + self.max_lifetime)
-        if not deadlines:
-            return None
-        return max(0.0, min(deadlines) - self._loop.time()) + 0.001
+        if deadlines:
+            self._timer = self.loop.call_at(min(deadlines) + 0.001, self._check_timers)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _check_timers(self) -> None:
-        now = self._loop.time()
+        self._timer = None
+        if self.reason is not None or self._finishing:
+            return
+        now = self.loop.time()
         if self.max_lifetime is not None and now >= self.started + self.max_lifetime:
             self.stop(f"maximum connection lifetime ({self.max_lifetime:g} s) reached")
-        elif self.idle_timeout is not None and now >= self._last_activity + self.idle_timeout:
+        elif self.idle_timeout is not None and now >= self.last_activity + self.idle_timeout:
             held = self.held_bytes()
-            if self._writing or held:
+            if held:
                 self.stop(f"stalled for {self.idle_timeout:g} s with {held} bytes in flight; "
                           "both sides aborted so the cut cannot pass for a complete stream")
             else:
                 self.stop(f"idle for {self.idle_timeout:g} s; both sides aborted (an unended stream is not complete)")
-
-    async def _close_both(self) -> None:
-        for side in (self.client, self.target):
-            side.writer.close()
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(self.client.writer.wait_closed(), self.target.writer.wait_closed(),
-                               return_exceptions=True),
-                CLOSE_GRACE,
-            )
-        except TimeoutError:
-            self.client.abort()
-            self.target.abort()
+        else:
+            self._arm_timer()
 
 
 def _describe(exc: BaseException) -> str:

@@ -28,7 +28,7 @@ import logging
 import os
 import stat
 from collections.abc import Coroutine
-from typing import Any, cast
+from typing import Any
 
 from ..certs import describe
 from ..config import ClientConfig, ServerConfig
@@ -42,10 +42,10 @@ from ..errors import (
     TruncationError,
 )
 from ..protocol import SecureProtocol
-from ..streams import open_connection, open_unix_connection
+from ..streams import _connect as _secure_connect
 from . import proxyproto
 from .addresses import Address, connect
-from .relay import CHUNK, Relay, Side
+from .relay import End, Relay
 from .relay import reset as _reset
 from .spec import TunnelSpec
 
@@ -120,11 +120,11 @@ class Tunnel:
                     self.server = await loop.create_server(self._make_protocol, spec.listen.host, spec.listen.port or 0,
                                                            reuse_address=True, reuse_port=self.reuse_port or None)
             elif spec.listen.path is not None:
-                self.server = await asyncio.start_unix_server(self._on_plain, spec.listen.path, limit=CHUNK)
+                self.server = await loop.create_unix_server(self._make_plain_protocol, spec.listen.path)
             else:
-                self.server = await asyncio.start_server(self._on_plain, spec.listen.host, spec.listen.port or 0,
-                                                         limit=CHUNK, reuse_address=True,
-                                                         reuse_port=self.reuse_port or None)
+                self.server = await loop.create_server(self._make_plain_protocol, spec.listen.host,
+                                                       spec.listen.port or 0, reuse_address=True,
+                                                       reuse_port=self.reuse_port or None)
         except OSError as exc:
             hint = {98: "another process is listening there; stop it or choose another port",
                     13: "this user may not bind there; use a port above 1023 or grant CAP_NET_BIND_SERVICE",
@@ -248,19 +248,17 @@ class Tunnel:
 
     # -- server side: securechan in, plain out -------------------------------------------------
 
+    def _new_relay(self, *, client_secure: bool) -> Relay:
+        return Relay(client_secure=client_secure, idle_timeout=self.spec.idle_timeout,
+                     max_lifetime=self.spec.max_lifetime)
+
     def _make_protocol(self) -> SecureProtocol:
-        loop = asyncio.get_running_loop()
         assert self._server_config is not None
-        reader = asyncio.StreamReader(limit=CHUNK, loop=loop)
-        started = loop.time()
-
-        def connected(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            self._spawn(self._serve_secure(r, w, started))
-
-        proto = _CountedProtocol(
-            self, Connection(self._server_config),
-            lambda: asyncio.StreamReaderProtocol(reader, connected, loop=loop), None, self.spec.handshake_timeout,
-        )
+        relay = self._new_relay(client_secure=True)
+        started = asyncio.get_running_loop().time()
+        relay.client.on_connected = lambda end: self._spawn(self._serve_secure(relay, started))
+        proto = _CountedProtocol(self, Connection(self._server_config), lambda: relay.client, None,
+                                 self.spec.handshake_timeout)
         proto.on_handshake_failed = self._handshake_failed
         return proto
 
@@ -271,28 +269,27 @@ class Tunnel:
         level = (logging.DEBUG if self.spec.quiet else logging.INFO) if routine else logging.WARNING
         log.log(level, "tunnel %r: %s handshake failed: %s", self.spec.title, peer, exc)
 
-    async def _serve_secure(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, started: float) -> None:
+    async def _serve_secure(self, relay: Relay, started: float) -> None:
         spec = self.spec
-        peer_addr = writer.get_extra_info("peername")
+        secure = relay.client.transport
+        assert secure is not None
+        peer_addr = secure.get_extra_info("peername")
         peer = _peer_text(peer_addr)
-        session = writer.get_extra_info("securechan")
-        cert = writer.get_extra_info("peercert")
+        session = secure.get_extra_info("securechan")
+        cert = secure.get_extra_info("peercert")
         identity = repr(describe(cert)) if cert is not None else "none"
         suite = session.suite + (" resumed" if session.resumed else "")
         try:
-            sock = await connect(spec.target, spec.connect_timeout, spec.connect_retries, spec.retry_delay)
+            await connect(spec.target, lambda: relay.target, spec.connect_timeout, spec.connect_retries,
+                          spec.retry_delay)
         except OSError as exc:
-            _reset(writer.transport)
+            _reset(secure)
             self._log_end(peer, identity, suite, None, _target_failure(spec.target, spec.connect_timeout, exc),
                           started, failed=True)
             return
         except asyncio.CancelledError:
-            writer.transport.abort()
+            _reset(secure)
             raise
-        if spec.target.is_unix:
-            t_reader, t_writer = await asyncio.open_unix_connection(sock=sock, limit=CHUNK)
-        else:
-            t_reader, t_writer = await asyncio.open_connection(sock=sock, limit=CHUNK)
         if spec.proxy_protocol:
             cn = None
             if cert is not None:
@@ -300,10 +297,10 @@ class Tunnel:
 
                 names = common_names(cert)
                 cn = names[0] if names else describe(cert)
-            t_writer.write(proxyproto.header(peer_addr, writer.get_extra_info("sockname"),
-                                             proxyproto.ssl_tlv(f"securechan/{session.version}", session.suite, cn)))
-        relay = Relay(Side(reader, writer, True, "client"), Side(t_reader, t_writer, False, "target"),
-                      idle_timeout=spec.idle_timeout, max_lifetime=spec.max_lifetime)
+            assert relay.target.transport is not None
+            relay.target.transport.write(proxyproto.header(
+                peer_addr, secure.get_extra_info("sockname"),
+                proxyproto.ssl_tlv(f"securechan/{session.version}", session.suite, cn)))
         await self._run_relay(relay, peer, identity, suite, started)
 
     async def _run_relay(self, relay: Relay, peer: str, identity: str, suite: str, started: float) -> None:
@@ -317,56 +314,52 @@ class Tunnel:
 
     # -- client side: plain in, securechan out -------------------------------------------------
 
-    async def _on_plain(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self._admit(writer.transport):
-            return
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(cast("asyncio.Task[None]", task))
+    def _make_plain_protocol(self) -> End:
+        relay = self._new_relay(client_secure=False)
+        relay.client.on_connected = self._plain_connected
+        return relay.client
+
+    def _plain_connected(self, end: End) -> None:
+        assert end.transport is not None
+        if self._admit(end.transport):
+            self._spawn(self._serve_plain(end.relay))
+
+    async def _serve_plain(self, relay: Relay) -> None:
         try:
-            await self._serve_plain(reader, writer)
+            await self._relay_plain(relay)
         finally:
             self._release()
-            self._tasks.discard(cast("asyncio.Task[None]", task))
 
-    async def _serve_plain(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _relay_plain(self, relay: Relay) -> None:
         spec, loop = self.spec, asyncio.get_running_loop()
         started = loop.time()
-        peer = _peer_text(writer.get_extra_info("peername"))
-        assert self._client_config is not None
-        config = self._client_config
+        plain = relay.client.transport
+        assert plain is not None and self._client_config is not None
+        peer = _peer_text(plain.get_extra_info("peername"))
+        target, name = spec.target, spec.effective_server_name
         try:
-            sock = await connect(spec.target, spec.connect_timeout, spec.connect_retries, spec.retry_delay)
-        except OSError as exc:
-            _reset(writer.transport)
-            self._log_end(peer, "-", "-", None, _target_failure(spec.target, spec.connect_timeout, exc),
-                          started, failed=True)
-            return
-        except asyncio.CancelledError:
-            _reset(writer.transport)
-            raise
-        try:
-            if spec.target.is_unix:
-                s_reader, s_writer = await open_unix_connection(
-                    sock=sock, config=config, server_name=spec.effective_server_name, limit=CHUNK)
-            else:
-                s_reader, s_writer = await open_connection(
-                    sock=sock, config=config, server_name=spec.effective_server_name, limit=CHUNK)
-        except SecureChannelError as exc:
-            sock.close()
-            _reset(writer.transport)
+            secure, _ = await _secure_connect(
+                lambda factory: connect(target, factory, spec.connect_timeout, spec.connect_retries,
+                                        spec.retry_delay),
+                lambda: relay.target, self._client_config, name, None,
+                (target.path or target.host, target.port, name),
+            )
+        except SecureChannelError as exc:  # before OSError: TruncationError is both
+            _reset(plain)
             self._log_end(peer, "-", "-", None, self._handshake_failure(exc), started, failed=True)
             return
+        except OSError as exc:
+            _reset(plain)
+            self._log_end(peer, "-", "-", None, _target_failure(target, spec.connect_timeout, exc),
+                          started, failed=True)
+            return
         except BaseException:
-            sock.close()
-            _reset(writer.transport)
+            _reset(plain)
             raise
-        session = s_writer.get_extra_info("securechan")
-        cert = s_writer.get_extra_info("peercert")
+        session = secure.get_extra_info("securechan")
+        cert = secure.get_extra_info("peercert")
         identity = repr(describe(cert)) if cert is not None else "pinned key"
         suite = session.suite + (" resumed" if session.resumed else "")
-        relay = Relay(Side(reader, writer, False, "client"), Side(s_reader, s_writer, True, "target"),
-                      idle_timeout=spec.idle_timeout, max_lifetime=spec.max_lifetime)
         await self._run_relay(relay, peer, identity, suite, started)
 
     def _handshake_failure(self, exc: SecureChannelError) -> str:

@@ -213,7 +213,7 @@ async def test_forged_record_while_the_tunnel_cannot_flush_still_resets_the_targ
         while not target_writers or not srv.relays:
             await asyncio.sleep(0.01)
         stall.set()
-        secure = next(iter(srv.relays)).client.writer.transport
+        secure = next(iter(srv.relays)).client.transport
         for _ in range(5000):  # the target talks until the tunnel holds unsent records
             target_writers[0].write(b"r" * 4096)
             await target_writers[0].drain()
