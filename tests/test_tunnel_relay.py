@@ -516,3 +516,45 @@ async def test_ipv6_listener_and_proxy_header(pki_dir) -> None:
     assert head[12:14] == b"\x21\x21"  # PROXY, TCP over IPv6
     assert head[16:32] == head[32:48] == bytes(15) + b"\x01"
     assert struct.unpack("!HH", head[48:52]) == (client_port, tunnel_port)
+
+
+async def test_records_arriving_with_the_clients_finished_reach_the_target(pki_dir) -> None:
+    """A resumed client sends its Finished, data and close_notify in one write: the server tunnel
+    gets them in one read, before its target connection exists, and must relay all of it, then EOF."""
+    got: list[bytes] = []
+    done = asyncio.Event()
+
+    async def collect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got.append(await reader.read())  # everything, up to a clean EOF
+        writer.close()
+        done.set()
+
+    config = pki_dir.client_config()
+    async with plain_target(collect) as port, running(server_spec(pki_dir, f"127.0.0.1:{port}")) as (srv,):
+        reader, writer = await securechan.open_connection("127.0.0.1", srv.port, config=config,
+                                                          server_name="localhost")
+        writer.write(b"first")
+        writer.write_eof()
+        await reader.read()  # the session ticket arrives before the server's close_notify
+        writer.close()
+        await asyncio.wait_for(done.wait(), 10)
+        assert got == [b"first"] and config.session_stats.tickets >= 1
+        got.clear()
+        done.clear()
+
+        conn = securechan.Connection(config, server_name="localhost", resume_key=("127.0.0.1", srv.port, "localhost"))
+        loop = asyncio.get_running_loop()
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        sock.setblocking(False)
+        try:
+            await loop.sock_sendall(sock, conn.data_to_send())
+            while not conn.handshake_complete:
+                conn.receive_data(await loop.sock_recv(sock, 65536))
+            assert conn.session is not None and conn.session.resumed
+            conn.send_data(b"early bytes")
+            conn.close()
+            await loop.sock_sendall(sock, conn.data_to_send())  # Finished + record + close_notify, one write
+            await asyncio.wait_for(done.wait(), 10)
+        finally:
+            sock.close()
+    assert got == [b"early bytes"]
