@@ -64,7 +64,7 @@ from .errors import (
     UnexpectedMessageError,
 )
 from .frames import FrameType, encode_frame, pack_map
-from .keyschedule import SALT_RESUMPTION, SALT_V1, KeySchedule, Transcript, finished_mac
+from .keyschedule import SALT_RESUMPTION, Transcript, finished_mac, handshake_secrets
 from .messages import ClientCertificate, ClientHello, Finished, HandshakeMessage, KeyExchange, ServerHello
 from .resumption import Resumption, offer, server_verdict
 from .suites import KeyWrap, Suite
@@ -121,12 +121,6 @@ def _dh(key: x25519.X25519PrivateKey, peer: bytes) -> bytes:
         return key.exchange(x25519.X25519PublicKey.from_public_bytes(peer))
     except ValueError:  # all-zero shared secret: a low-order point
         raise IllegalParameterError("peer sent an invalid X25519 public key (low-order point)") from None
-
-
-def _derive(ikm: bytes, transcript_hash: bytes, salt: bytes = SALT_V1) -> tuple[KeySchedule, dict[str, bytes]]:
-    ks = KeySchedule(ikm, salt)
-    labels = ("c finished", "s finished", "c ap traffic", "s ap traffic", "exporter", "resumption")
-    return ks, {label: ks.derive(label.encode(), transcript_hash) for label in labels}
 
 
 class ClientHandshake:
@@ -232,8 +226,7 @@ class ClientHandshake:
         kx = handshake_frame(KeyExchange(wrapped_key=leaf_key.encrypt(wrap_secret, OAEP)))
         self._transcript.add(kx)
         th1 = self._transcript.digest()
-        ks, s = _derive(wrap_secret + dhe, th1)
-        ks.wipe()
+        s = handshake_secrets(wrap_secret + dhe, th1)
         fin = handshake_frame(Finished(mac=finished_mac(s["c finished"], th1)))
         self._transcript.add(fin)
         self._server_finished_key = s["s finished"]
@@ -318,8 +311,7 @@ class ClientHandshake:
                 "server resumed the session with a version, suite or client-auth request that does not match the ticket"
             )
         dhe = _dh(self._x25519, sh.x25519)
-        ks, self._resumed_keys = _derive(session.psk + dhe, self._transcript.digest(), SALT_RESUMPTION)
-        ks.wipe()
+        self._resumed_keys = handshake_secrets(session.psk + dhe, self._transcript.digest(), SALT_RESUMPTION)
         self._resumed_max_record = sh.max_record
         self._expect = Finished
         return Step()
@@ -475,8 +467,7 @@ class ServerHandshake:
             unwrapped, ok = substitute, False
         wrap_secret = unwrapped if ok else substitute
         th1 = self._transcript.digest()
-        ks, self._s = _derive(wrap_secret + self._dhe, th1)
-        ks.wipe()
+        self._s = handshake_secrets(wrap_secret + self._dhe, th1)
         self._dhe = b""
         self._expect = Finished
         return Step()
@@ -499,8 +490,7 @@ class ServerHandshake:
         sh_frame = handshake_frame(sh)
         self._transcript.add(sh_frame)
         th1 = self._transcript.digest()
-        ks, self._s = _derive(r.psk + self._dhe, th1, SALT_RESUMPTION)
-        ks.wipe()
+        self._s = handshake_secrets(r.psk + self._dhe, th1, SALT_RESUMPTION)
         self._dhe = b""
         fin = handshake_frame(Finished(mac=finished_mac(self._s["s finished"], th1)))
         self._transcript.add(fin)
