@@ -226,7 +226,7 @@ class ClientHandshake:
         kx = handshake_frame(KeyExchange(wrapped_key=leaf_key.encrypt(wrap_secret, OAEP)))
         self._transcript.add(kx)
         th1 = self._transcript.digest()
-        s = handshake_secrets(wrap_secret + dhe, th1)
+        s = handshake_secrets(wrap_secret + dhe, th1, resumption=self.config.resume)
         fin = handshake_frame(Finished(mac=finished_mac(s["c finished"], th1)))
         self._transcript.add(fin)
         self._server_finished_key = s["s finished"]
@@ -237,7 +237,7 @@ class ClientHandshake:
             client_traffic=s["c ap traffic"],
             server_traffic=s["s ap traffic"],
             exporter=s["exporter"],
-            resumption=s["resumption"],
+            resumption=s.get("resumption", b""),
             send_record_limit=min(sh.max_record, self.config.max_record_size),
             peer_chain=tuple(chain),
         )
@@ -374,6 +374,11 @@ class ServerHandshake:
         self._client_error: SecureChannelError | None = None
 
     @property
+    def _issues_ticket(self) -> bool:
+        """This connection will send a session ticket, so it needs its resumption secret."""
+        return self.client_accepts_tickets and self.config._tickets is not None
+
+    @property
     def expecting(self) -> str:
         """The wire type of the next handshake message this side waits for."""
         return str(getattr(self._expect, "TYPE", ""))
@@ -467,7 +472,7 @@ class ServerHandshake:
             unwrapped, ok = substitute, False
         wrap_secret = unwrapped if ok else substitute
         th1 = self._transcript.digest()
-        self._s = handshake_secrets(wrap_secret + self._dhe, th1)
+        self._s = handshake_secrets(wrap_secret + self._dhe, th1, resumption=self._issues_ticket)
         self._dhe = b""
         self._expect = Finished
         return Step()
@@ -490,7 +495,7 @@ class ServerHandshake:
         sh_frame = handshake_frame(sh)
         self._transcript.add(sh_frame)
         th1 = self._transcript.digest()
-        self._s = handshake_secrets(r.psk + self._dhe, th1, SALT_RESUMPTION)
+        self._s = handshake_secrets(r.psk + self._dhe, th1, SALT_RESUMPTION, resumption=self._issues_ticket)
         self._dhe = b""
         fin = handshake_frame(Finished(mac=finished_mac(self._s["s finished"], th1)))
         self._transcript.add(fin)
@@ -505,7 +510,7 @@ class ServerHandshake:
             client_traffic=self._s["c ap traffic"],
             server_traffic=self._s["s ap traffic"],
             exporter=self._s["exporter"],
-            resumption=self._s["resumption"],
+            resumption=self._s.get("resumption", b""),
             send_record_limit=min(self._client_max_record, self.config.max_record_size),
             peer_chain=self._client_chain,
             resumed=resumed,
