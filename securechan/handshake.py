@@ -38,12 +38,14 @@ one point in the flow.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import logging
 import os
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -73,6 +75,8 @@ from .tickets import CachedSession, TicketStatus
 Entropy = Callable[[int], bytes]
 OAEP = padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 WRAPPED_KEY_LEN = 32
+_KEY_WRAP = int(KeyWrap.RSA_OAEP_SHA256)
+_KEY_WRAPS = (_KEY_WRAP,)
 log = logging.getLogger("securechan")
 
 
@@ -103,6 +107,18 @@ class Step:
 
 def handshake_frame(message: HandshakeMessage) -> bytes:
     return encode_frame(FrameType.HANDSHAKE, pack_map(message.encode()))
+
+
+@functools.lru_cache(maxsize=256)
+def _sent_name(server_name: str | None) -> str | None:
+    """The server name to put in ClientHello: IP addresses are verified but not sent, as with TLS SNI."""
+    if server_name is None:
+        return None
+    try:
+        ipaddress.ip_address(server_name)
+    except ValueError:
+        return server_name
+    return None
 
 
 def _ephemeral_key(entropy: Entropy) -> x25519.X25519PrivateKey:
@@ -146,22 +162,16 @@ class ClientHandshake:
         self._secrets: Secrets | None = None
 
     def start(self) -> Step:
-        name = self.server_name
-        if name is not None:
-            try:
-                ipaddress.ip_address(name)
-                name = None  # IP addresses are verified but not sent, as with TLS SNI
-            except ValueError:
-                pass
+        cfg = self.config
         hello = ClientHello(
-            versions=tuple(sorted(self.config.versions, reverse=True)),
+            versions=cfg._versions_desc,
             random=self._entropy(32),
-            suites=tuple(int(s) for s in self.config.suites),
-            key_wraps=(int(KeyWrap.RSA_OAEP_SHA256),),
+            suites=cfg._suite_codes,
+            key_wraps=_KEY_WRAPS,
             x25519=_x25519_public(self._x25519),
-            max_record=self.config.max_record_size,
-            server_name=name,
-            accept_tickets=self.config.resume,
+            max_record=cfg.max_record_size,
+            server_name=_sent_name(self.server_name),
+            accept_tickets=cfg.resume,
         )
         self._offer = self._cached_session()
         if self._offer is not None:
@@ -178,7 +188,7 @@ class ClientHandshake:
         if not cfg.resume:
             return None
         session = cfg._session_cache.take(self.resume_key)
-        if session is None or session.version not in cfg.versions or session.suite not in {int(s) for s in cfg.suites}:
+        if session is None or session.version not in cfg.versions or session.suite not in cfg._suite_codes:
             return None
         try:
             # Today's CA, pins and clock must still accept the server (usually a verified-chain cache hit).
@@ -416,20 +426,21 @@ class ServerHandshake:
 
     def _on_client_hello(self, ch: ClientHello, hello_frame: bytes) -> Step:
         cfg = self.config
-        version = next((v for v in sorted(cfg.versions, reverse=True) if v in ch.versions), None)
+        version = next((v for v in cfg._versions_desc if v in ch.versions), None)
         if version is None:
             raise NoCommonVersionError(
                 f"client offered protocol versions {list(ch.versions)}; this server speaks {list(cfg.versions)}: "
                 "upgrade the older side"
             )
-        suite = next((Suite(int(s)) for s in cfg.suites if int(s) in ch.suites), None)
+        # The config's suites are Suite members (ServerConfig checked them), in preference order.
+        suite = next((cast(Suite, s) for s in cfg.suites if s in ch.suites), None)
         if suite is None:
             offered = ", ".join(Suite(s).label if s in Suite._value2member_map_ else str(s) for s in ch.suites)
             raise NoCommonSuiteError(
                 f"client offered suites [{offered}]; this server allows "
                 f"[{', '.join(Suite(int(s)).label for s in cfg.suites)}]: align the suites settings"
             )
-        if int(KeyWrap.RSA_OAEP_SHA256) not in ch.key_wraps:
+        if _KEY_WRAP not in ch.key_wraps:
             raise NoCommonSuiteError("client offered no key-wrap method this server supports (RSA-OAEP-SHA256)")
         self.server_name = ch.server_name
         self.client_accepts_tickets = ch.accept_tickets
@@ -447,7 +458,7 @@ class ServerHandshake:
             version=version,
             random=self._entropy(32),
             suite=int(suite),
-            key_wrap=int(KeyWrap.RSA_OAEP_SHA256),
+            key_wrap=_KEY_WRAP,
             x25519=_x25519_public(self._x25519),
             max_record=cfg.max_record_size,
             certificates=cfg._chain_der,
@@ -486,7 +497,7 @@ class ServerHandshake:
             version=r.version,
             random=self._entropy(32),
             suite=r.suite,
-            key_wrap=int(KeyWrap.RSA_OAEP_SHA256),
+            key_wrap=_KEY_WRAP,
             x25519=_x25519_public(self._x25519),
             max_record=self.config.max_record_size,
             resumed=True,
