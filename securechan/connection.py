@@ -33,8 +33,6 @@ import struct
 import time
 from collections.abc import Callable, Hashable
 
-from cryptography.hazmat.primitives.serialization import Encoding
-
 from .config import ClientConfig, ServerConfig
 from .errors import (
     AlertCode,
@@ -171,6 +169,8 @@ class Connection:
         self.error: SecureChannelError | None = None
         self._exporter_secret = bytearray()
         self.resumption_secret = b""
+        self._suite: Suite | None = None
+        self._peer_der: tuple[bytes, ...] = ()
         self._hs: ClientHandshake | ServerHandshake | None
         if isinstance(config, ClientConfig):
             self.role = Role.CLIENT
@@ -467,6 +467,7 @@ class Connection:
         self._send_limit = s.send_record_limit
         self._exporter_secret = bytearray(s.exporter)
         self.resumption_secret = s.resumption
+        self._suite, self._peer_der = s.suite, s.peer_der
         self._schedule_time_update()
         hs = self._hs
         assert hs is not None
@@ -503,8 +504,9 @@ class Connection:
 
     def _after_server_handshake(self, send_ticket: bool) -> None:
         """Count the handshake; send a session ticket if the client keeps them (docs/PROTOCOL.md, "Resumption")."""
-        config, session = self.config, self.session
+        config, session, suite = self.config, self.session, self._suite
         assert isinstance(config, ServerConfig) and session is not None and self._sealer is not None
+        assert suite is not None
         tickets = config._tickets
         secret, self.resumption_secret = self.resumption_secret, b""
         if tickets is None:
@@ -516,28 +518,29 @@ class Connection:
         ticket = tickets.seal(TicketContents(
             psk=ticket_psk(secret, nonce),
             version=session.version,
-            suite=int(Suite.parse(session.suite)),
+            suite=int(suite),
             server_name=session.server_name,
-            client_chain=tuple(c.public_bytes(Encoding.DER) for c in session.peer_chain),
+            client_chain=self._peer_der,
         ))
         if ticket is not None:
             message = NewTicket(ticket=ticket, lifetime=max(1, int(tickets.lifetime)), nonce=nonce)
             self._out.append(self._sealer.seal(FrameType.CONTROL, pack_map(message.encode())))
 
     def _on_new_ticket(self, message: NewTicket) -> None:
-        config, session = self.config, self.session
+        config, session, suite = self.config, self.session, self._suite
         if not isinstance(config, ClientConfig):
             raise UnexpectedMessageError("a client does not send session tickets")
-        if not config.resume or not self.resumption_secret or session is None:
+        if not config.resume or not self.resumption_secret or session is None or suite is None:
             return
         config._session_cache.put(
             self._resume_key,
             ticket=message.ticket,
             psk=ticket_psk(self.resumption_secret, message.nonce),
             version=session.version,
-            suite=int(Suite.parse(session.suite)),
+            suite=int(suite),
             server_chain=session.peer_chain,
             lifetime=message.lifetime,
+            server_der=self._peer_der,
         )
         self.resumption_secret = b""  # one ticket per connection
         log.debug("session ticket received (valid for %d s)", message.lifetime)

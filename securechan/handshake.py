@@ -94,6 +94,8 @@ class Secrets:
     send_record_limit: int
     peer_chain: tuple[x509.Certificate, ...] = ()
     resumed: bool = False
+    #: ``peer_chain`` as the DER it was parsed from (kept for tickets, so nothing is re-encoded).
+    peer_der: tuple[bytes, ...] = ()
 
 
 @dataclass
@@ -192,7 +194,8 @@ class ClientHandshake:
             return None
         try:
             # Today's CA, pins and clock must still accept the server (usually a verified-chain cache hit).
-            self._verified_chain(tuple(c.public_bytes(Encoding.DER) for c in session.server_chain))
+            der = session.server_der or tuple(c.public_bytes(Encoding.DER) for c in session.server_chain)
+            self._verified_chain(der)
         except SecureChannelError as exc:
             log.debug("not offering a cached session ticket: %s", exc)
             return None
@@ -250,6 +253,7 @@ class ClientHandshake:
             resumption=s.get("resumption", b""),
             send_record_limit=min(sh.max_record, self.config.max_record_size),
             peer_chain=tuple(chain),
+            peer_der=sh.certificates,
         )
         self._expect = Finished
         return Step(frames=[*frames, kx, fin], secrets=self._secrets)
@@ -346,6 +350,7 @@ class ClientHandshake:
             send_record_limit=min(self._resumed_max_record, self.config.max_record_size),
             peer_chain=session.server_chain,
             resumed=True,
+            peer_der=session.server_der,
         )
         self._resumed_keys = {}
         self._expect = type(None)
@@ -380,6 +385,7 @@ class ServerHandshake:
         #: Set when the ClientHello's ticket was accepted (resumed handshake).
         self._resumption: Resumption | None = None
         self._client_chain: tuple[x509.Certificate, ...] = ()
+        self._client_der: tuple[bytes, ...] = ()
         #: The client-authentication verdict, acted on once the client's Finished verified.
         self._client_error: SecureChannelError | None = None
 
@@ -423,6 +429,7 @@ class ServerHandshake:
             cc.certificates, cc.scheme, cc.signature, self._transcript.digest(), self._client_auth,
             cfg._client_store, cfg.allow, cfg.client_ca_description,
         )
+        self._client_der = cc.certificates if self._client_chain else ()
 
     def _on_client_hello(self, ch: ClientHello, hello_frame: bytes) -> Step:
         cfg = self.config
@@ -491,7 +498,7 @@ class ServerHandshake:
     def _resume(self, r: Resumption) -> Step:
         """Answer an accepted ticket: ServerHello(resumed) and our Finished at once (one round trip)."""
         self._resumption = r
-        self._client_chain = r.client_chain
+        self._client_chain, self._client_der = r.client_chain, r.client_der
         self._client_auth = ()
         sh = ServerHello(
             version=r.version,
@@ -525,6 +532,7 @@ class ServerHandshake:
             send_record_limit=min(self._client_max_record, self.config.max_record_size),
             peer_chain=self._client_chain,
             resumed=resumed,
+            peer_der=self._client_der,
         )
         self._s = {}
         self._expect = type(None)

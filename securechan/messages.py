@@ -114,6 +114,13 @@ class ClientHello:
             m["binder"] = self.binder
         return m
 
+    def with_ticket(self, ticket: bytes, binder: bytes) -> ClientHello:
+        """This hello offering ``ticket`` with ``binder`` (dataclasses.replace, without its introspection)."""
+        return ClientHello(
+            self.versions, self.random, self.suites, self.key_wraps, self.x25519, self.max_record,
+            self.server_name, self.accept_tickets, ticket, binder,
+        )
+
     @classmethod
     def decode(cls, m: dict[str, Any]) -> ClientHello:
         name = _get(m, "server_name", str, required=False)

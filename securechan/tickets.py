@@ -483,6 +483,8 @@ class CachedSession:
     server_chain: tuple[x509.Certificate, ...]
     #: Client clock (monotonic) after which the ticket is no longer offered.
     expires: float
+    #: ``server_chain`` as the DER it was received in (empty: re-encode it when needed).
+    server_der: tuple[bytes, ...] = ()
 
 
 def client_expiry(received: float, lifetime: float) -> float:
@@ -516,8 +518,10 @@ class TicketCache(_Counted):
                 del self._entries[oldest_key]
 
     def put(self, key: Hashable, ticket: bytes, psk: bytes, version: int, suite: int,
-            server_chain: tuple[x509.Certificate, ...], lifetime: float) -> None:
-        entry = CachedSession(ticket, psk, version, suite, server_chain, client_expiry(self.clock(), lifetime))
+            server_chain: tuple[x509.Certificate, ...], lifetime: float, server_der: tuple[bytes, ...] = ()) -> None:
+        entry = CachedSession(
+            ticket, psk, version, suite, server_chain, client_expiry(self.clock(), lifetime), server_der
+        )
         with self._lock:
             self.stats.tickets += 1
             self._store(key, entry)
