@@ -83,6 +83,8 @@ _RECV_LIMIT_RECORDS = 2**25
 _RECV_LIMIT_BYTES = 2**36
 _HEAD = struct.Struct(">BBBI")
 _ALERT_BODY = 64
+_APPLICATION_DATA = int(FrameType.APPLICATION_DATA)
+_HANDSHAKE = int(FrameType.HANDSHAKE)
 
 
 class Role(enum.Enum):
@@ -384,22 +386,25 @@ class Connection:
                 if avail < HEADER_LEN:
                     break
                 marker, ftype, binmark, length = _HEAD.unpack_from(buf, pos)
-                # Fast path for the common case; anything else gets parse_header's checks and messages.
-                if ftype != 3 or marker != 0x92 or binmark != 0xC6 or length > self._recv_limits.get(3, -1):
+                # Fast path: a well-formed head of a frame type allowed now, within its limit (the
+                # limits hold only FrameType values). Anything else gets parse_header's checks and messages.
+                if marker != 0x92 or binmark != 0xC6 or length > self._recv_limits.get(ftype, -1):
                     ftype, length = parse_header(buf[pos : pos + HEADER_LEN], self._recv_limits)
                 end = pos + HEADER_LEN + length
                 if end > self._end:
                     self._need = end - pos
                     break
                 self._need = 0
-                head = bytes(buf[pos : pos + HEADER_LEN])
-                body = memoryview(buf)[pos + HEADER_LEN : end]
-                if ftype == FrameType.APPLICATION_DATA:
-                    data = self._open(head, body)
+                if ftype == _APPLICATION_DATA:
+                    data = self._open(bytes(buf[pos : pos + HEADER_LEN]), memoryview(buf)[pos + HEADER_LEN : end])
                     if data:
                         events.append(DataReceived(data))
+                elif ftype == _HANDSHAKE:
+                    # The whole frame, copied once: it is both the transcript input and what is decoded.
+                    self._on_handshake(bytes(memoryview(buf)[pos:end]), events)
                 else:
-                    self._dispatch(ftype, head, body, events)
+                    head = bytes(buf[pos : pos + HEADER_LEN])
+                    self._dispatch(ftype, head, memoryview(buf)[pos + HEADER_LEN : end], events)
                 self._start = end
                 buf = self._buf
         except Exception as exc:
@@ -430,10 +435,9 @@ class Connection:
             raise ProtocolError("the peer exceeded the per-key usage limit without a key update")
         return opener.open(head, body)
 
-    def _dispatch(self, ftype: FrameType, head: bytes, body: memoryview, events: list[Event]) -> None:
-        if ftype is FrameType.HANDSHAKE:
-            self._on_handshake(bytes(head) + bytes(body), body, events)
-        elif ftype is FrameType.CONTROL:
+    def _dispatch(self, ftype: int, head: bytes, body: memoryview, events: list[Event]) -> None:
+        """CONTROL and ALERT frames (APPLICATION_DATA and HANDSHAKE are handled in buffer_updated)."""
+        if ftype == FrameType.CONTROL:
             self._on_control(self._open(head, body), events)
         else:  # FrameType.ALERT: plaintext, unauthenticated, always fatal
             alert = Alert.decode(unpack_map(body, _ALERT_BODY))
@@ -444,19 +448,20 @@ class Connection:
             self._fail_silently()
             raise error_from_alert(alert.code, authenticated=False)
 
-    def _on_handshake(self, frame: bytes, body: memoryview, events: list[Event]) -> None:
+    def _on_handshake(self, frame: bytes, events: list[Event]) -> None:
         hs = self._hs
         if hs is None or self.state not in _HANDSHAKE_STATES:
             raise UnexpectedMessageError("handshake message after the handshake completed")
-        message = decode_message(unpack_map(body, MAX_HANDSHAKE_BODY), HANDSHAKE_MESSAGES)
+        message = decode_message(unpack_map(memoryview(frame)[HEADER_LEN:], MAX_HANDSHAKE_BODY), HANDSHAKE_MESSAGES)
         step: Step = hs.handle(message, frame)
-        self._out.extend(step.frames)
+        if step.frames:
+            self._out.extend(step.frames)
         if step.secrets is not None:
             self._install(step.secrets)
         if step.complete:
             self._complete(events)
-        elif isinstance(hs, ServerHandshake) and hs.expecting in _SERVER_WAIT_STATES:
-            self.state = _SERVER_WAIT_STATES[hs.expecting]
+        elif isinstance(hs, ServerHandshake) and (wait := _SERVER_WAIT_STATES.get(hs.expecting)) is not None:
+            self.state = wait
         elif self.state in _NEXT_HANDSHAKE_STATE:
             self.state = _NEXT_HANDSHAKE_STATE[self.state]
 
