@@ -50,7 +50,7 @@ from typing import cast
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, x25519
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from .certs import check_pins, parse_chain, verify_server_chain
 from .clientauth import SUPPORTED_SCHEMES, evaluate_client, scheme_for_key, sign
@@ -131,7 +131,7 @@ def _ephemeral_key(entropy: Entropy) -> x25519.X25519PrivateKey:
 
 
 def _x25519_public(key: x25519.X25519PrivateKey) -> bytes:
-    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return key.public_key().public_bytes_raw()
 
 
 def _dh(key: x25519.X25519PrivateKey, peer: bytes) -> bytes:
@@ -388,6 +388,8 @@ class ServerHandshake:
         self._client_der: tuple[bytes, ...] = ()
         #: The client-authentication verdict, acted on once the client's Finished verified.
         self._client_error: SecureChannelError | None = None
+        #: th1, the transcript hash through KeyExchange (full handshake).
+        self._th1 = b""
 
     @property
     def _issues_ticket(self) -> bool:
@@ -433,14 +435,22 @@ class ServerHandshake:
 
     def _on_client_hello(self, ch: ClientHello, hello_frame: bytes) -> Step:
         cfg = self.config
-        version = next((v for v in cfg._versions_desc if v in ch.versions), None)
+        offered_versions, offered_suites = ch.versions, ch.suites
+        version = None
+        for v in cfg._versions_desc:  # newest first
+            if v in offered_versions:
+                version = v
+                break
         if version is None:
             raise NoCommonVersionError(
                 f"client offered protocol versions {list(ch.versions)}; this server speaks {list(cfg.versions)}: "
                 "upgrade the older side"
             )
-        # The config's suites are Suite members (ServerConfig checked them), in preference order.
-        suite = next((cast(Suite, s) for s in cfg.suites if s in ch.suites), None)
+        suite = None
+        for s in cfg.suites:  # Suite members (ServerConfig checked them), in preference order
+            if s in offered_suites:
+                suite = cast(Suite, s)
+                break
         if suite is None:
             offered = ", ".join(Suite(s).label if s in Suite._value2member_map_ else str(s) for s in ch.suites)
             raise NoCommonSuiteError(
@@ -489,7 +499,7 @@ class ServerHandshake:
         except ValueError:
             unwrapped, ok = substitute, False
         wrap_secret = unwrapped if ok else substitute
-        th1 = self._transcript.digest()
+        self._th1 = th1 = self._transcript.digest()
         self._s = handshake_secrets(wrap_secret + self._dhe, th1, resumption=self._issues_ticket)
         self._dhe = b""
         self._expect = Finished
@@ -550,8 +560,8 @@ class ServerHandshake:
     def _on_finished(self, fin: Finished, frame: bytes) -> Step:
         if self._resumption is not None:
             return self._on_resumed_finished(fin, frame)
-        th1 = self._transcript.digest()
-        expected = finished_mac(self._s["c finished"], th1)
+        # The transcript is still what it was at the key exchange: th1 (computed there).
+        expected = finished_mac(self._s["c finished"], self._th1)
         if not hmac.compare_digest(expected, fin.mac):
             raise HandshakeAuthError(
                 "the client's Finished MAC did not verify: the handshake was altered in transit, "
