@@ -50,13 +50,12 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 from cryptography import x509
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import ConfigError, DecodeError
-from .frames import unpack_map
+from .frames import pack_map, unpack_map
 from .keyschedule import expand_label
 from .messages import MAX_TICKET_LEN
 
@@ -131,7 +130,7 @@ class TicketContents:
             m["server_name"] = self.server_name
         if self.client_chain:
             m["client_chain"] = list(self.client_chain)
-        return bytes(msgpack.packb(m, use_bin_type=True))
+        return pack_map(m)
 
     @classmethod
     def decode(cls, data: bytes) -> TicketContents:
