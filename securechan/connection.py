@@ -126,6 +126,19 @@ _NEXT_HANDSHAKE_STATE = {
 }
 
 
+def _exporter_of(secret: bytearray) -> Callable[[bytes, bytes, int], bytes]:
+    """SessionInfo's exporter. It holds the exporter secret, not the connection: a bound method
+    would make every connection a reference cycle (connection -> session -> connection), kept
+    with its buffers and keys until the garbage collector runs."""
+
+    def export(label: bytes, context: bytes, length: int) -> bytes:
+        if not secret:  # emptied when the connection wipes its secrets
+            raise ConnectionClosedError("the exporter is gone: the connection was closed and its secrets wiped")
+        return export_keying_material(secret, label, context, length)
+
+    return export
+
+
 class Connection:
     """One securechan connection, client or server, chosen by the type of ``config``.
 
@@ -484,7 +497,7 @@ class Connection:
             server_name=hs.server_name,
             peer_chain=s.peer_chain,
             max_record_size=s.send_record_limit,
-            _exporter=self._export,
+            _exporter=_exporter_of(self._exporter_secret),
         )
         s.client_traffic = s.server_traffic = s.exporter = s.resumption = b""
 
@@ -550,11 +563,6 @@ class Connection:
         self.resumption_secret = b""  # one ticket per connection
         log.debug("session ticket received (valid for %d s)", message.lifetime)
 
-    def _export(self, label: bytes, context: bytes, length: int) -> bytes:
-        if not self._exporter_secret:
-            raise ConnectionClosedError("the exporter is gone: the connection was closed and its secrets wiped")
-        return export_keying_material(self._exporter_secret, label, context, length)
-
     def _on_control(self, plaintext: bytes, events: list[Event]) -> None:
         message = decode_message(unpack_map(plaintext, MAX_CONTROL_PLAINTEXT), CONTROL_MESSAGES)
         if isinstance(message, CloseNotify):
@@ -612,8 +620,9 @@ class Connection:
         for direction in (self._sealer, self._opener):
             if direction is not None:
                 direction.wipe()
+        # Zeroed, then emptied in place: the session's exporter holds this same bytearray.
         self._exporter_secret[:] = bytes(len(self._exporter_secret))
-        self._exporter_secret = bytearray()
+        self._exporter_secret.clear()
         self.resumption_secret = b""
         self._hs = None
         # Overwrite what was received and is no longer needed (everything but an unread frame tail).
