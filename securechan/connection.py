@@ -126,6 +126,18 @@ _NEXT_HANDSHAKE_STATE = {
 }
 
 
+#: Zeros to overwrite a small receive buffer from, without allocating a fresh zeroed object each time.
+_ZEROS = bytes(_SMALL_BUFFER)
+
+
+def _zero(buf: bytearray | mmap.mmap, start: int, end: int) -> None:
+    """Overwrite ``buf[start:end]`` with zeros."""
+    n = end - start
+    if n <= 0:
+        return
+    buf[start:end] = memoryview(_ZEROS)[:n] if n <= _SMALL_BUFFER else bytes(n)
+
+
 def _exporter_of(secret: bytearray) -> Callable[[bytes, bytes, int], bytes]:
     """SessionInfo's exporter. It holds the exporter secret, not the connection: a bound method
     would make every connection a reference cycle (connection -> session -> connection), kept
@@ -302,7 +314,7 @@ class Connection:
             self.state = State.FAILED
         self._recv_limits = {}
         self._wipe()
-        self._buf[:] = bytes(len(self._buf))
+        _zero(self._buf, 0, len(self._buf))
 
     def abort(self, error: SecureChannelError) -> None:
         """Fail the connection from outside (e.g. a timeout): queue the alert for ``error``."""
@@ -627,5 +639,5 @@ class Connection:
         self._hs = None
         # Overwrite what was received and is no longer needed (everything but an unread frame tail).
         buf = self._buf
-        buf[: self._start] = bytes(self._start)
-        buf[self._end :] = bytes(len(buf) - self._end)
+        _zero(buf, 0, self._start)
+        _zero(buf, self._end, len(buf))
