@@ -99,6 +99,8 @@ _packers = threading.local()
 
 def pack_map(message: dict[str, Any]) -> bytes:
     # One Packer per thread, reused: msgpack.packb builds a Packer, and its 256 KiB buffer, per call.
+    # Our maps hold only builtin types (str, bytes, int, bool, lists), so packing never calls back
+    # into Python code that could re-enter this packer; a failed pack resets its buffer.
     packer: msgpack.Packer | None = getattr(_packers, "packer", None)
     if packer is None:
         packer = _packers.packer = msgpack.Packer(use_bin_type=True)

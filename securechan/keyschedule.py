@@ -104,8 +104,9 @@ def finished_mac(finished_key: bytes, transcript_hash: bytes) -> bytes:
 
 def traffic_key_iv(secret: bytes | bytearray, suite: Suite) -> tuple[bytes, bytes]:
     key_len = suite.key_len
+    key_info = _KEY_INFO.get(key_len) or hkdf_label(b"key", b"", key_len)
     return (
-        HKDFExpand(_SHA256, key_len, _KEY_INFO[key_len]).derive(secret),
+        HKDFExpand(_SHA256, key_len, key_info).derive(secret),
         HKDFExpand(_SHA256, NONCE_LEN, _IV_INFO).derive(secret),
     )
 
