@@ -54,11 +54,13 @@ def _common_checks(cfg: _Common) -> None:
     if len(set(suites)) != len(suites):
         raise ConfigError("suites lists a suite twice")
     _set(cfg, "suites", suites)
+    _set(cfg, "_suite_codes", tuple(int(s) for s in suites))
     versions = tuple(cfg.versions)
     unknown = [v for v in versions if v not in SUPPORTED_VERSIONS]
     if not versions or unknown:
         raise ConfigError(f"versions must be a non-empty subset of {list(SUPPORTED_VERSIONS)}, got {list(versions)}")
     _set(cfg, "versions", versions)
+    _set(cfg, "_versions_desc", tuple(sorted(versions, reverse=True)))
     if not MIN_RECORD_SIZE <= cfg.max_record_size <= MAX_RECORD_SIZE:
         raise ConfigError(f"max_record_size must be between {MIN_RECORD_SIZE} and {MAX_RECORD_SIZE} bytes")
     if cfg.handshake_timeout is not None and cfg.handshake_timeout <= 0:
@@ -83,6 +85,11 @@ class _Common:
     key_update_bytes: int = DEFAULT_KEY_UPDATE_BYTES
     #: Seconds after which the sending key is ratcheted before the next record (None: by volume only).
     key_update_interval: float | None = None
+
+    # Derived once per config for the handshake: the suites' wire codes (preference order)
+    # and the versions newest first.
+    _suite_codes: tuple[int, ...] = field(init=False, repr=False, compare=False, default=())
+    _versions_desc: tuple[int, ...] = field(init=False, repr=False, compare=False, default=())
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -33,8 +33,6 @@ import struct
 import time
 from collections.abc import Callable, Hashable
 
-from cryptography.hazmat.primitives.serialization import Encoding
-
 from .config import ClientConfig, ServerConfig
 from .errors import (
     AlertCode,
@@ -85,6 +83,8 @@ _RECV_LIMIT_RECORDS = 2**25
 _RECV_LIMIT_BYTES = 2**36
 _HEAD = struct.Struct(">BBBI")
 _ALERT_BODY = 64
+_APPLICATION_DATA = int(FrameType.APPLICATION_DATA)
+_HANDSHAKE = int(FrameType.HANDSHAKE)
 
 
 class Role(enum.Enum):
@@ -124,6 +124,31 @@ _NEXT_HANDSHAKE_STATE = {
     State.SERVER_WAIT_KEY_EXCHANGE: State.SERVER_WAIT_FINISHED,
     State.CLIENT_WAIT_SERVER_HELLO: State.CLIENT_WAIT_FINISHED,
 }
+
+
+#: Zeros to overwrite a small receive buffer from, without allocating a fresh zeroed object each time.
+_ZEROS = bytes(_SMALL_BUFFER)
+
+
+def _zero(buf: bytearray | mmap.mmap, start: int, end: int) -> None:
+    """Overwrite ``buf[start:end]`` with zeros."""
+    n = end - start
+    if n <= 0:
+        return
+    buf[start:end] = memoryview(_ZEROS)[:n] if n <= _SMALL_BUFFER else bytes(n)
+
+
+def _exporter_of(secret: bytearray) -> Callable[[bytes, bytes, int], bytes]:
+    """SessionInfo's exporter. It holds the exporter secret, not the connection: a bound method
+    would make every connection a reference cycle (connection -> session -> connection), kept
+    with its buffers and keys until the garbage collector runs."""
+
+    def export(label: bytes, context: bytes, length: int) -> bytes:
+        if not secret:  # emptied when the connection wipes its secrets
+            raise ConnectionClosedError("the exporter is gone: the connection was closed and its secrets wiped")
+        return export_keying_material(secret, label, context, length)
+
+    return export
 
 
 class Connection:
@@ -171,6 +196,8 @@ class Connection:
         self.error: SecureChannelError | None = None
         self._exporter_secret = bytearray()
         self.resumption_secret = b""
+        self._suite: Suite | None = None
+        self._peer_der: tuple[bytes, ...] = ()
         self._hs: ClientHandshake | ServerHandshake | None
         if isinstance(config, ClientConfig):
             self.role = Role.CLIENT
@@ -291,7 +318,7 @@ class Connection:
             self.state = State.FAILED
         self._recv_limits = {}
         self._wipe()
-        self._buf[:] = bytes(len(self._buf))
+        _zero(self._buf, 0, len(self._buf))
 
     def abort(self, error: SecureChannelError) -> None:
         """Fail the connection from outside (e.g. a timeout): queue the alert for ``error``."""
@@ -388,22 +415,25 @@ class Connection:
                 if avail < HEADER_LEN:
                     break
                 marker, ftype, binmark, length = _HEAD.unpack_from(buf, pos)
-                # Fast path for the common case; anything else gets parse_header's checks and messages.
-                if ftype != 3 or marker != 0x92 or binmark != 0xC6 or length > self._recv_limits.get(3, -1):
+                # Fast path: a well-formed head of a frame type allowed now, within its limit (the
+                # limits hold only FrameType values). Anything else gets parse_header's checks and messages.
+                if marker != 0x92 or binmark != 0xC6 or length > self._recv_limits.get(ftype, -1):
                     ftype, length = parse_header(buf[pos : pos + HEADER_LEN], self._recv_limits)
                 end = pos + HEADER_LEN + length
                 if end > self._end:
                     self._need = end - pos
                     break
                 self._need = 0
-                head = bytes(buf[pos : pos + HEADER_LEN])
-                body = memoryview(buf)[pos + HEADER_LEN : end]
-                if ftype == FrameType.APPLICATION_DATA:
-                    data = self._open(head, body)
+                if ftype == _APPLICATION_DATA:
+                    data = self._open(bytes(buf[pos : pos + HEADER_LEN]), memoryview(buf)[pos + HEADER_LEN : end])
                     if data:
                         events.append(DataReceived(data))
+                elif ftype == _HANDSHAKE:
+                    # The whole frame, copied once: it is both the transcript input and what is decoded.
+                    self._on_handshake(bytes(memoryview(buf)[pos:end]), events)
                 else:
-                    self._dispatch(ftype, head, body, events)
+                    head = bytes(buf[pos : pos + HEADER_LEN])
+                    self._dispatch(ftype, head, memoryview(buf)[pos + HEADER_LEN : end], events)
                 self._start = end
                 buf = self._buf
         except Exception as exc:
@@ -434,10 +464,9 @@ class Connection:
             raise ProtocolError("the peer exceeded the per-key usage limit without a key update")
         return opener.open(head, body)
 
-    def _dispatch(self, ftype: FrameType, head: bytes, body: memoryview, events: list[Event]) -> None:
-        if ftype is FrameType.HANDSHAKE:
-            self._on_handshake(bytes(head) + bytes(body), body, events)
-        elif ftype is FrameType.CONTROL:
+    def _dispatch(self, ftype: int, head: bytes, body: memoryview, events: list[Event]) -> None:
+        """CONTROL and ALERT frames (APPLICATION_DATA and HANDSHAKE are handled in buffer_updated)."""
+        if ftype == FrameType.CONTROL:
             self._on_control(self._open(head, body), events)
         else:  # FrameType.ALERT: plaintext, unauthenticated, always fatal
             alert = Alert.decode(unpack_map(body, _ALERT_BODY))
@@ -448,19 +477,20 @@ class Connection:
             self._fail_silently()
             raise error_from_alert(alert.code, authenticated=False)
 
-    def _on_handshake(self, frame: bytes, body: memoryview, events: list[Event]) -> None:
+    def _on_handshake(self, frame: bytes, events: list[Event]) -> None:
         hs = self._hs
         if hs is None or self.state not in _HANDSHAKE_STATES:
             raise UnexpectedMessageError("handshake message after the handshake completed")
-        message = decode_message(unpack_map(body, MAX_HANDSHAKE_BODY), HANDSHAKE_MESSAGES)
+        message = decode_message(unpack_map(memoryview(frame)[HEADER_LEN:], MAX_HANDSHAKE_BODY), HANDSHAKE_MESSAGES)
         step: Step = hs.handle(message, frame)
-        self._out.extend(step.frames)
+        if step.frames:
+            self._out.extend(step.frames)
         if step.secrets is not None:
             self._install(step.secrets)
         if step.complete:
             self._complete(events)
-        elif isinstance(hs, ServerHandshake) and hs.expecting in _SERVER_WAIT_STATES:
-            self.state = _SERVER_WAIT_STATES[hs.expecting]
+        elif isinstance(hs, ServerHandshake) and (wait := _SERVER_WAIT_STATES.get(hs.expecting)) is not None:
+            self.state = wait
         elif self.state in _NEXT_HANDSHAKE_STATE:
             self.state = _NEXT_HANDSHAKE_STATE[self.state]
 
@@ -471,6 +501,7 @@ class Connection:
         self._send_limit = s.send_record_limit
         self._exporter_secret = bytearray(s.exporter)
         self.resumption_secret = s.resumption
+        self._suite, self._peer_der = s.suite, s.peer_der
         self._schedule_time_update()
         hs = self._hs
         assert hs is not None
@@ -482,7 +513,7 @@ class Connection:
             server_name=hs.server_name,
             peer_chain=s.peer_chain,
             max_record_size=s.send_record_limit,
-            _exporter=self._export,
+            _exporter=_exporter_of(self._exporter_secret),
         )
         s.client_traffic = s.server_traffic = s.exporter = s.resumption = b""
 
@@ -507,8 +538,9 @@ class Connection:
 
     def _after_server_handshake(self, send_ticket: bool) -> None:
         """Count the handshake; send a session ticket if the client keeps them (docs/PROTOCOL.md, "Resumption")."""
-        config, session = self.config, self.session
+        config, session, suite = self.config, self.session, self._suite
         assert isinstance(config, ServerConfig) and session is not None and self._sealer is not None
+        assert suite is not None
         tickets = config._tickets
         secret, self.resumption_secret = self.resumption_secret, b""
         if tickets is None:
@@ -520,36 +552,32 @@ class Connection:
         ticket = tickets.seal(TicketContents(
             psk=ticket_psk(secret, nonce),
             version=session.version,
-            suite=int(Suite.parse(session.suite)),
+            suite=int(suite),
             server_name=session.server_name,
-            client_chain=tuple(c.public_bytes(Encoding.DER) for c in session.peer_chain),
+            client_chain=self._peer_der,
         ))
         if ticket is not None:
             message = NewTicket(ticket=ticket, lifetime=max(1, int(tickets.lifetime)), nonce=nonce)
             self._out.append(self._sealer.seal(FrameType.CONTROL, pack_map(message.encode())))
 
     def _on_new_ticket(self, message: NewTicket) -> None:
-        config, session = self.config, self.session
+        config, session, suite = self.config, self.session, self._suite
         if not isinstance(config, ClientConfig):
             raise UnexpectedMessageError("a client does not send session tickets")
-        if not config.resume or not self.resumption_secret or session is None:
+        if not config.resume or not self.resumption_secret or session is None or suite is None:
             return
         config._session_cache.put(
             self._resume_key,
             ticket=message.ticket,
             psk=ticket_psk(self.resumption_secret, message.nonce),
             version=session.version,
-            suite=int(Suite.parse(session.suite)),
+            suite=int(suite),
             server_chain=session.peer_chain,
             lifetime=message.lifetime,
+            server_der=self._peer_der,
         )
         self.resumption_secret = b""  # one ticket per connection
         log.debug("session ticket received (valid for %d s)", message.lifetime)
-
-    def _export(self, label: bytes, context: bytes, length: int) -> bytes:
-        if not self._exporter_secret:
-            raise ConnectionClosedError("the exporter is gone: the connection was closed and its secrets wiped")
-        return export_keying_material(self._exporter_secret, label, context, length)
 
     def _on_control(self, plaintext: bytes, events: list[Event]) -> None:
         message = decode_message(unpack_map(plaintext, MAX_CONTROL_PLAINTEXT), CONTROL_MESSAGES)
@@ -608,11 +636,12 @@ class Connection:
         for direction in (self._sealer, self._opener):
             if direction is not None:
                 direction.wipe()
+        # Zeroed, then emptied in place: the session's exporter holds this same bytearray.
         self._exporter_secret[:] = bytes(len(self._exporter_secret))
-        self._exporter_secret = bytearray()
+        self._exporter_secret.clear()
         self.resumption_secret = b""
         self._hs = None
         # Overwrite what was received and is no longer needed (everything but an unread frame tail).
         buf = self._buf
-        buf[: self._start] = bytes(self._start)
-        buf[self._end :] = bytes(len(buf) - self._end)
+        _zero(buf, 0, self._start)
+        _zero(buf, self._end, len(buf))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import struct
+import threading
 from typing import Any
 
 import msgpack
@@ -93,8 +94,17 @@ def _not_securechan_hint(head: bytes) -> str:
     return "malformed frame header: the peer is not speaking securechan protocol v1"
 
 
+_packers = threading.local()
+
+
 def pack_map(message: dict[str, Any]) -> bytes:
-    return msgpack.packb(message, use_bin_type=True)
+    # One Packer per thread, reused: msgpack.packb builds a Packer, and its 256 KiB buffer, per call.
+    # Our maps hold only builtin types (str, bytes, int, bool, lists), so packing never calls back
+    # into Python code that could re-enter this packer; a failed pack resets its buffer.
+    packer: msgpack.Packer | None = getattr(_packers, "packer", None)
+    if packer is None:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    return packer.pack(message)
 
 
 def _no_ext(code: int, data: bytes) -> Any:

@@ -38,17 +38,19 @@ one point in the flow.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import logging
 import os
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, x25519
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from .certs import check_pins, parse_chain, verify_server_chain
 from .clientauth import SUPPORTED_SCHEMES, evaluate_client, scheme_for_key, sign
@@ -64,7 +66,7 @@ from .errors import (
     UnexpectedMessageError,
 )
 from .frames import FrameType, encode_frame, pack_map
-from .keyschedule import SALT_RESUMPTION, SALT_V1, KeySchedule, Transcript, finished_mac
+from .keyschedule import SALT_RESUMPTION, Transcript, finished_mac, handshake_secrets
 from .messages import ClientCertificate, ClientHello, Finished, HandshakeMessage, KeyExchange, ServerHello
 from .resumption import Resumption, offer, server_verdict
 from .suites import KeyWrap, Suite
@@ -73,6 +75,8 @@ from .tickets import CachedSession, TicketStatus
 Entropy = Callable[[int], bytes]
 OAEP = padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 WRAPPED_KEY_LEN = 32
+_KEY_WRAP = int(KeyWrap.RSA_OAEP_SHA256)
+_KEY_WRAPS = (_KEY_WRAP,)
 log = logging.getLogger("securechan")
 
 
@@ -90,6 +94,8 @@ class Secrets:
     send_record_limit: int
     peer_chain: tuple[x509.Certificate, ...] = ()
     resumed: bool = False
+    #: ``peer_chain`` as the DER it was parsed from (kept for tickets, so nothing is re-encoded).
+    peer_der: tuple[bytes, ...] = ()
 
 
 @dataclass
@@ -105,6 +111,18 @@ def handshake_frame(message: HandshakeMessage) -> bytes:
     return encode_frame(FrameType.HANDSHAKE, pack_map(message.encode()))
 
 
+@functools.lru_cache(maxsize=256)
+def _sent_name(server_name: str | None) -> str | None:
+    """The server name to put in ClientHello: IP addresses are verified but not sent, as with TLS SNI."""
+    if server_name is None:
+        return None
+    try:
+        ipaddress.ip_address(server_name)
+    except ValueError:
+        return server_name
+    return None
+
+
 def _ephemeral_key(entropy: Entropy) -> x25519.X25519PrivateKey:
     """A fresh X25519 key: from the library's generator, or from ``entropy`` when a test pins it."""
     if entropy is os.urandom:
@@ -113,7 +131,7 @@ def _ephemeral_key(entropy: Entropy) -> x25519.X25519PrivateKey:
 
 
 def _x25519_public(key: x25519.X25519PrivateKey) -> bytes:
-    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return key.public_key().public_bytes_raw()
 
 
 def _dh(key: x25519.X25519PrivateKey, peer: bytes) -> bytes:
@@ -121,12 +139,6 @@ def _dh(key: x25519.X25519PrivateKey, peer: bytes) -> bytes:
         return key.exchange(x25519.X25519PublicKey.from_public_bytes(peer))
     except ValueError:  # all-zero shared secret: a low-order point
         raise IllegalParameterError("peer sent an invalid X25519 public key (low-order point)") from None
-
-
-def _derive(ikm: bytes, transcript_hash: bytes, salt: bytes = SALT_V1) -> tuple[KeySchedule, dict[str, bytes]]:
-    ks = KeySchedule(ikm, salt)
-    labels = ("c finished", "s finished", "c ap traffic", "s ap traffic", "exporter", "resumption")
-    return ks, {label: ks.derive(label.encode(), transcript_hash) for label in labels}
 
 
 class ClientHandshake:
@@ -152,22 +164,16 @@ class ClientHandshake:
         self._secrets: Secrets | None = None
 
     def start(self) -> Step:
-        name = self.server_name
-        if name is not None:
-            try:
-                ipaddress.ip_address(name)
-                name = None  # IP addresses are verified but not sent, as with TLS SNI
-            except ValueError:
-                pass
+        cfg = self.config
         hello = ClientHello(
-            versions=tuple(sorted(self.config.versions, reverse=True)),
+            versions=cfg._versions_desc,
             random=self._entropy(32),
-            suites=tuple(int(s) for s in self.config.suites),
-            key_wraps=(int(KeyWrap.RSA_OAEP_SHA256),),
+            suites=cfg._suite_codes,
+            key_wraps=_KEY_WRAPS,
             x25519=_x25519_public(self._x25519),
-            max_record=self.config.max_record_size,
-            server_name=name,
-            accept_tickets=self.config.resume,
+            max_record=cfg.max_record_size,
+            server_name=_sent_name(self.server_name),
+            accept_tickets=cfg.resume,
         )
         self._offer = self._cached_session()
         if self._offer is not None:
@@ -184,11 +190,12 @@ class ClientHandshake:
         if not cfg.resume:
             return None
         session = cfg._session_cache.take(self.resume_key)
-        if session is None or session.version not in cfg.versions or session.suite not in {int(s) for s in cfg.suites}:
+        if session is None or session.version not in cfg.versions or session.suite not in cfg._suite_codes:
             return None
         try:
             # Today's CA, pins and clock must still accept the server (usually a verified-chain cache hit).
-            self._verified_chain(tuple(c.public_bytes(Encoding.DER) for c in session.server_chain))
+            der = session.server_der or tuple(c.public_bytes(Encoding.DER) for c in session.server_chain)
+            self._verified_chain(der)
         except SecureChannelError as exc:
             log.debug("not offering a cached session ticket: %s", exc)
             return None
@@ -232,8 +239,7 @@ class ClientHandshake:
         kx = handshake_frame(KeyExchange(wrapped_key=leaf_key.encrypt(wrap_secret, OAEP)))
         self._transcript.add(kx)
         th1 = self._transcript.digest()
-        ks, s = _derive(wrap_secret + dhe, th1)
-        ks.wipe()
+        s = handshake_secrets(wrap_secret + dhe, th1, resumption=self.config.resume)
         fin = handshake_frame(Finished(mac=finished_mac(s["c finished"], th1)))
         self._transcript.add(fin)
         self._server_finished_key = s["s finished"]
@@ -244,9 +250,10 @@ class ClientHandshake:
             client_traffic=s["c ap traffic"],
             server_traffic=s["s ap traffic"],
             exporter=s["exporter"],
-            resumption=s["resumption"],
+            resumption=s.get("resumption", b""),
             send_record_limit=min(sh.max_record, self.config.max_record_size),
             peer_chain=tuple(chain),
+            peer_der=sh.certificates,
         )
         self._expect = Finished
         return Step(frames=[*frames, kx, fin], secrets=self._secrets)
@@ -318,8 +325,7 @@ class ClientHandshake:
                 "server resumed the session with a version, suite or client-auth request that does not match the ticket"
             )
         dhe = _dh(self._x25519, sh.x25519)
-        ks, self._resumed_keys = _derive(session.psk + dhe, self._transcript.digest(), SALT_RESUMPTION)
-        ks.wipe()
+        self._resumed_keys = handshake_secrets(session.psk + dhe, self._transcript.digest(), SALT_RESUMPTION)
         self._resumed_max_record = sh.max_record
         self._expect = Finished
         return Step()
@@ -344,6 +350,7 @@ class ClientHandshake:
             send_record_limit=min(self._resumed_max_record, self.config.max_record_size),
             peer_chain=session.server_chain,
             resumed=True,
+            peer_der=session.server_der,
         )
         self._resumed_keys = {}
         self._expect = type(None)
@@ -378,8 +385,16 @@ class ServerHandshake:
         #: Set when the ClientHello's ticket was accepted (resumed handshake).
         self._resumption: Resumption | None = None
         self._client_chain: tuple[x509.Certificate, ...] = ()
+        self._client_der: tuple[bytes, ...] = ()
         #: The client-authentication verdict, acted on once the client's Finished verified.
         self._client_error: SecureChannelError | None = None
+        #: th1, the transcript hash through KeyExchange (full handshake).
+        self._th1 = b""
+
+    @property
+    def _issues_ticket(self) -> bool:
+        """This connection will send a session ticket, so it needs its resumption secret."""
+        return self.client_accepts_tickets and self.config._tickets is not None
 
     @property
     def expecting(self) -> str:
@@ -416,23 +431,33 @@ class ServerHandshake:
             cc.certificates, cc.scheme, cc.signature, self._transcript.digest(), self._client_auth,
             cfg._client_store, cfg.allow, cfg.client_ca_description,
         )
+        self._client_der = cc.certificates if self._client_chain else ()
 
     def _on_client_hello(self, ch: ClientHello, hello_frame: bytes) -> Step:
         cfg = self.config
-        version = next((v for v in sorted(cfg.versions, reverse=True) if v in ch.versions), None)
+        offered_versions, offered_suites = ch.versions, ch.suites
+        version = None
+        for v in cfg._versions_desc:  # newest first
+            if v in offered_versions:
+                version = v
+                break
         if version is None:
             raise NoCommonVersionError(
                 f"client offered protocol versions {list(ch.versions)}; this server speaks {list(cfg.versions)}: "
                 "upgrade the older side"
             )
-        suite = next((Suite(int(s)) for s in cfg.suites if int(s) in ch.suites), None)
+        suite = None
+        for s in cfg.suites:  # Suite members (ServerConfig checked them), in preference order
+            if s in offered_suites:
+                suite = cast(Suite, s)
+                break
         if suite is None:
             offered = ", ".join(Suite(s).label if s in Suite._value2member_map_ else str(s) for s in ch.suites)
             raise NoCommonSuiteError(
                 f"client offered suites [{offered}]; this server allows "
                 f"[{', '.join(Suite(int(s)).label for s in cfg.suites)}]: align the suites settings"
             )
-        if int(KeyWrap.RSA_OAEP_SHA256) not in ch.key_wraps:
+        if _KEY_WRAP not in ch.key_wraps:
             raise NoCommonSuiteError("client offered no key-wrap method this server supports (RSA-OAEP-SHA256)")
         self.server_name = ch.server_name
         self.client_accepts_tickets = ch.accept_tickets
@@ -450,7 +475,7 @@ class ServerHandshake:
             version=version,
             random=self._entropy(32),
             suite=int(suite),
-            key_wrap=int(KeyWrap.RSA_OAEP_SHA256),
+            key_wrap=_KEY_WRAP,
             x25519=_x25519_public(self._x25519),
             max_record=cfg.max_record_size,
             certificates=cfg._chain_der,
@@ -474,9 +499,8 @@ class ServerHandshake:
         except ValueError:
             unwrapped, ok = substitute, False
         wrap_secret = unwrapped if ok else substitute
-        th1 = self._transcript.digest()
-        ks, self._s = _derive(wrap_secret + self._dhe, th1)
-        ks.wipe()
+        self._th1 = th1 = self._transcript.digest()
+        self._s = handshake_secrets(wrap_secret + self._dhe, th1, resumption=self._issues_ticket)
         self._dhe = b""
         self._expect = Finished
         return Step()
@@ -484,13 +508,13 @@ class ServerHandshake:
     def _resume(self, r: Resumption) -> Step:
         """Answer an accepted ticket: ServerHello(resumed) and our Finished at once (one round trip)."""
         self._resumption = r
-        self._client_chain = r.client_chain
+        self._client_chain, self._client_der = r.client_chain, r.client_der
         self._client_auth = ()
         sh = ServerHello(
             version=r.version,
             random=self._entropy(32),
             suite=r.suite,
-            key_wrap=int(KeyWrap.RSA_OAEP_SHA256),
+            key_wrap=_KEY_WRAP,
             x25519=_x25519_public(self._x25519),
             max_record=self.config.max_record_size,
             resumed=True,
@@ -499,8 +523,7 @@ class ServerHandshake:
         sh_frame = handshake_frame(sh)
         self._transcript.add(sh_frame)
         th1 = self._transcript.digest()
-        ks, self._s = _derive(r.psk + self._dhe, th1, SALT_RESUMPTION)
-        ks.wipe()
+        self._s = handshake_secrets(r.psk + self._dhe, th1, SALT_RESUMPTION, resumption=self._issues_ticket)
         self._dhe = b""
         fin = handshake_frame(Finished(mac=finished_mac(self._s["s finished"], th1)))
         self._transcript.add(fin)
@@ -515,10 +538,11 @@ class ServerHandshake:
             client_traffic=self._s["c ap traffic"],
             server_traffic=self._s["s ap traffic"],
             exporter=self._s["exporter"],
-            resumption=self._s["resumption"],
+            resumption=self._s.get("resumption", b""),
             send_record_limit=min(self._client_max_record, self.config.max_record_size),
             peer_chain=self._client_chain,
             resumed=resumed,
+            peer_der=self._client_der,
         )
         self._s = {}
         self._expect = type(None)
@@ -536,8 +560,8 @@ class ServerHandshake:
     def _on_finished(self, fin: Finished, frame: bytes) -> Step:
         if self._resumption is not None:
             return self._on_resumed_finished(fin, frame)
-        th1 = self._transcript.digest()
-        expected = finished_mac(self._s["c finished"], th1)
+        # The transcript is still what it was at the key exchange: th1 (computed there).
+        expected = finished_mac(self._s["c finished"], self._th1)
         if not hmac.compare_digest(expected, fin.mac):
             raise HandshakeAuthError(
                 "the client's Finished MAC did not verify: the handshake was altered in transit, "

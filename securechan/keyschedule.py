@@ -44,31 +44,75 @@ SALT_V1 = b"securechan v1"
 SALT_RESUMPTION = b"securechan v1 resumption"
 SALT_BINDER = b"securechan v1 binder"
 LABEL_PREFIX = b"sc1 "
+#: The secrets every handshake derives from its handshake secret and th1, in this order.
+HANDSHAKE_LABELS = ("c finished", "s finished", "c ap traffic", "s ap traffic", "exporter", "resumption")
+
+# One hash-algorithm object for every KDF call: it is an immutable descriptor, and building a
+# new one per call was a measurable part of each HKDF-Expand-Label.
+_SHA256 = hashes.SHA256()
+
+
+def _label_head(label: bytes, length: int) -> bytes:
+    """HkdfLabel up to (not including) the context length byte."""
+    full = LABEL_PREFIX + label
+    return struct.pack(">HB", length, len(full)) + full
 
 
 def hkdf_label(label: bytes, context: bytes, length: int) -> bytes:
-    full = LABEL_PREFIX + label
-    return struct.pack(">HB", length, len(full)) + full + struct.pack(">B", len(context)) + context
+    return _label_head(label, length) + struct.pack(">B", len(context)) + context
 
 
 def expand_label(secret: bytes | bytearray, label: bytes, context: bytes, length: int) -> bytes:
-    return HKDFExpand(hashes.SHA256(), length, hkdf_label(label, context, length)).derive(secret)
+    return HKDFExpand(_SHA256, length, hkdf_label(label, context, length)).derive(secret)
 
 
 def extract(salt: bytes, ikm: bytes) -> bytes:
-    return HKDF.extract(hashes.SHA256(), salt, ikm)
+    return HKDF.extract(_SHA256, salt, ikm)
+
+
+# HkdfLabel of the fixed labels, encoded once. The handshake labels are stored up to and
+# including the context length byte (the context, th1, is always HASH_LEN bytes).
+_HANDSHAKE_INFO = tuple(
+    (label, _label_head(label.encode(), HASH_LEN) + struct.pack(">B", HASH_LEN)) for label in HANDSHAKE_LABELS
+)
+_KEY_INFO = {n: hkdf_label(b"key", b"", n) for n in (16, 32)}
+_IV_INFO = hkdf_label(b"iv", b"", NONCE_LEN)
+_UPDATE_INFO = hkdf_label(b"traffic upd", b"", HASH_LEN)
+
+
+def handshake_secrets(
+    ikm: bytes, transcript_hash: bytes, salt: bytes = SALT_V1, *, resumption: bool = True
+) -> dict[str, bytes]:
+    """Extract the handshake secret and expand the secrets of HANDSHAKE_LABELS from it (bound to th1).
+
+    ``resumption=False`` leaves out the resumption secret when this side will never use it
+    (no tickets on this connection). The handshake secret itself is not kept.
+    """
+    if len(transcript_hash) != HASH_LEN:
+        raise ValueError("the transcript hash must be a SHA-256 digest")
+    secret = extract(salt, ikm)
+    return {
+        label: HKDFExpand(_SHA256, HASH_LEN, info + transcript_hash).derive(secret)
+        for label, info in _HANDSHAKE_INFO
+        if resumption or label != "resumption"
+    }
 
 
 def finished_mac(finished_key: bytes, transcript_hash: bytes) -> bytes:
-    return hmac.new(finished_key, transcript_hash, hashlib.sha256).digest()
+    return hmac.digest(finished_key, transcript_hash, "sha256")
 
 
 def traffic_key_iv(secret: bytes | bytearray, suite: Suite) -> tuple[bytes, bytes]:
-    return expand_label(secret, b"key", b"", suite.key_len), expand_label(secret, b"iv", b"", NONCE_LEN)
+    key_len = suite.key_len
+    key_info = _KEY_INFO.get(key_len) or hkdf_label(b"key", b"", key_len)
+    return (
+        HKDFExpand(_SHA256, key_len, key_info).derive(secret),
+        HKDFExpand(_SHA256, NONCE_LEN, _IV_INFO).derive(secret),
+    )
 
 
 def next_traffic_secret(secret: bytes | bytearray) -> bytes:
-    return expand_label(secret, b"traffic upd", b"", HASH_LEN)
+    return HKDFExpand(_SHA256, HASH_LEN, _UPDATE_INFO).derive(secret)
 
 
 def ticket_psk(resumption_secret: bytes, ticket_nonce: bytes) -> bytes:
@@ -77,7 +121,7 @@ def ticket_psk(resumption_secret: bytes, ticket_nonce: bytes) -> bytes:
 
 def binder_mac(psk: bytes, partial_hello_hash: bytes) -> bytes:
     binder_key = expand_label(extract(SALT_BINDER, psk), b"res binder", b"", HASH_LEN)
-    return hmac.new(binder_key, partial_hello_hash, hashlib.sha256).digest()
+    return hmac.digest(binder_key, partial_hello_hash, "sha256")
 
 
 class Transcript:
@@ -93,19 +137,6 @@ class Transcript:
         return self._hash.copy().digest()
 
 
-class KeySchedule:
-    """Derives every secret of one connection from its handshake inputs."""
-
-    def __init__(self, ikm: bytes, salt: bytes = SALT_V1) -> None:
-        self._secret = extract(salt, ikm)
-
-    def derive(self, label: bytes, transcript_hash: bytes) -> bytes:
-        return expand_label(self._secret, label, transcript_hash, HASH_LEN)
-
-    def wipe(self) -> None:
-        self._secret = b""
-
-
 def export_keying_material(exporter_secret: bytes | bytearray, label: bytes, context: bytes, length: int) -> bytes:
     """RFC 5705-style exporter for channel binding: same inputs on both ends give the same bytes."""
     if not 0 < length <= 255 * HASH_LEN:
@@ -114,4 +145,4 @@ def export_keying_material(exporter_secret: bytes | bytearray, label: bytes, con
         raise ValueError("exporter label must be at most 200 bytes")
     derived = expand_label(exporter_secret, label, b"", HASH_LEN)
     info = hkdf_label(b"exporter", hashlib.sha256(context).digest(), length)
-    return HKDFExpand(hashes.SHA256(), length, info).derive(derived)
+    return HKDFExpand(_SHA256, length, info).derive(derived)

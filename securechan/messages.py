@@ -24,6 +24,19 @@ MAX_NAME_LEN = 253
 _HOSTNAME = re.compile(r"[A-Za-z0-9_.-]+")
 MAX_LIST_LEN = 16
 
+# The fields each strictly decoded message may carry.
+_SERVER_HELLO_KEYS = frozenset({
+    "type", "version", "random", "suite", "key_wrap", "x25519", "max_record", "certificates",
+    "client_auth", "resumed", "ticket_status",
+})
+_KEY_EXCHANGE_KEYS = frozenset({"type", "wrapped_key"})
+_CLIENT_CERTIFICATE_KEYS = frozenset({"type", "certificates", "scheme", "signature"})
+_FINISHED_KEYS = frozenset({"type", "mac"})
+_ALERT_KEYS = frozenset({"type", "code"})
+_TYPE_ONLY = frozenset({"type"})
+_KEY_UPDATE_KEYS = frozenset({"type", "request_update"})
+_NEW_TICKET_KEYS = frozenset({"type", "ticket", "lifetime", "nonce"})
+
 
 def _get(m: dict[str, Any], key: str, kind: type | tuple[type, ...], required: bool = True) -> Any:
     if key not in m:
@@ -53,9 +66,12 @@ def _bin(m: dict[str, Any], key: str, lo: int, hi: int, required: bool = True) -
 
 def _int_list(m: dict[str, Any], key: str) -> tuple[int, ...]:
     value = _get(m, key, list)
-    if not 1 <= len(value) <= MAX_LIST_LEN or not all(
-        isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**16 for v in value
-    ):
+    ok = 1 <= len(value) <= MAX_LIST_LEN
+    for v in value:  # a plain loop: this runs for every hello, and a generator costs more
+        if not ok:
+            break
+        ok = isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**16
+    if not ok:
         raise DecodeError(f"{m.get('type', 'message')}: field {key!r} must be a list of 1-16 small integers")
     return tuple(value)
 
@@ -64,18 +80,30 @@ def _bin_list(m: dict[str, Any], key: str, max_items: int, max_item: int, requir
     value = _get(m, key, list, required)
     if value is None:
         return None
-    if not 1 <= len(value) <= max_items or not all(isinstance(v, bytes) and 0 < len(v) <= max_item for v in value):
+    ok = 1 <= len(value) <= max_items
+    for v in value:
+        if not ok:
+            break
+        ok = isinstance(v, bytes) and 0 < len(v) <= max_item
+    if not ok:
         raise DecodeError(f"{m.get('type', 'message')}: field {key!r} must be a list of 1-{max_items} byte strings")
     return tuple(value)
 
 
-def _exact_keys(m: dict[str, Any], allowed: set[str]) -> None:
-    extra = set(m) - allowed
-    if extra:
+def _exact_keys(m: dict[str, Any], allowed: frozenset[str]) -> None:
+    if not allowed.issuperset(m):
+        extra = set(m) - allowed
         raise DecodeError(f"{m.get('type', 'message')}: unexpected fields {sorted(extra)}")
 
 
-@dataclass(frozen=True)
+# ClientHello and ServerHello are built on every handshake, on both sides. A frozen dataclass's
+# generated __init__ sets each of their ten fields with object.__setattr__ (most of the cost of
+# building one); their __init__ below stores the same fields in the instance dict in one update.
+# The classes stay frozen: assigning or deleting a field afterwards raises FrozenInstanceError.
+# tests/test_codec.py checks that each __init__ takes exactly the dataclass fields and defaults.
+
+
+@dataclass(frozen=True, init=False)
 class ClientHello:
     TYPE: ClassVar[str] = "client_hello"
     versions: tuple[int, ...]
@@ -93,6 +121,25 @@ class ClientHello:
     #: Encoded as the LAST field, so it is the last 32 bytes of the frame (the binder covers
     #: the frame up to it). Fields added later must be encoded before it.
     binder: bytes | None = None
+
+    def __init__(
+        self,
+        versions: tuple[int, ...],
+        random: bytes,
+        suites: tuple[int, ...],
+        key_wraps: tuple[int, ...],
+        x25519: bytes,
+        max_record: int,
+        server_name: str | None = None,
+        accept_tickets: bool = False,
+        ticket: bytes | None = None,
+        binder: bytes | None = None,
+    ) -> None:
+        self.__dict__.update(
+            versions=versions, random=random, suites=suites, key_wraps=key_wraps, x25519=x25519,
+            max_record=max_record, server_name=server_name, accept_tickets=accept_tickets, ticket=ticket,
+            binder=binder,
+        )
 
     def encode(self) -> dict[str, Any]:
         m: dict[str, Any] = {
@@ -113,6 +160,13 @@ class ClientHello:
         if self.binder is not None:
             m["binder"] = self.binder
         return m
+
+    def with_ticket(self, ticket: bytes, binder: bytes) -> ClientHello:
+        """This hello offering ``ticket`` with ``binder`` (dataclasses.replace, without its introspection)."""
+        return ClientHello(
+            self.versions, self.random, self.suites, self.key_wraps, self.x25519, self.max_record,
+            self.server_name, self.accept_tickets, ticket, binder,
+        )
 
     @classmethod
     def decode(cls, m: dict[str, Any]) -> ClientHello:
@@ -142,7 +196,7 @@ def _binder(m: dict[str, Any]) -> bytes | None:
     return binder
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class ServerHello:
     TYPE: ClassVar[str] = "server_hello"
     version: int
@@ -158,6 +212,24 @@ class ServerHello:
     resumed: bool = False
     #: Why an offered ticket was not used (securechan.tickets.TicketStatus; 0 = none offered or accepted).
     ticket_status: int = 0
+
+    def __init__(
+        self,
+        version: int,
+        random: bytes,
+        suite: int,
+        key_wrap: int,
+        x25519: bytes,
+        max_record: int,
+        certificates: tuple[bytes, ...] = (),
+        client_auth: tuple[int, ...] = (),
+        resumed: bool = False,
+        ticket_status: int = 0,
+    ) -> None:
+        self.__dict__.update(
+            version=version, random=random, suite=suite, key_wrap=key_wrap, x25519=x25519, max_record=max_record,
+            certificates=certificates, client_auth=client_auth, resumed=resumed, ticket_status=ticket_status,
+        )
 
     def encode(self) -> dict[str, Any]:
         m: dict[str, Any] = {
@@ -181,11 +253,7 @@ class ServerHello:
 
     @classmethod
     def decode(cls, m: dict[str, Any]) -> ServerHello:
-        _exact_keys(
-            m,
-            {"type", "version", "random", "suite", "key_wrap", "x25519", "max_record", "certificates",
-             "client_auth", "resumed", "ticket_status"},
-        )
+        _exact_keys(m, _SERVER_HELLO_KEYS)
         resumed = _get(m, "resumed", bool, required=False) or False
         certs = _bin_list(m, "certificates", MAX_CHAIN_LEN, MAX_CERT_LEN, required=not resumed)
         if resumed and certs:
@@ -214,7 +282,7 @@ class KeyExchange:
 
     @classmethod
     def decode(cls, m: dict[str, Any]) -> KeyExchange:
-        _exact_keys(m, {"type", "wrapped_key"})
+        _exact_keys(m, _KEY_EXCHANGE_KEYS)
         return cls(wrapped_key=_bin(m, "wrapped_key", 1, MAX_WRAPPED_KEY_LEN))
 
 
@@ -237,7 +305,7 @@ class ClientCertificate:
 
     @classmethod
     def decode(cls, m: dict[str, Any]) -> ClientCertificate:
-        _exact_keys(m, {"type", "certificates", "scheme", "signature"})
+        _exact_keys(m, _CLIENT_CERTIFICATE_KEYS)
         return cls(
             certificates=_bin_list(m, "certificates", MAX_CHAIN_LEN, MAX_CERT_LEN),
             scheme=_int(m, "scheme", 0, 2**16 - 1),
@@ -255,7 +323,7 @@ class Finished:
 
     @classmethod
     def decode(cls, m: dict[str, Any]) -> Finished:
-        _exact_keys(m, {"type", "mac"})
+        _exact_keys(m, _FINISHED_KEYS)
         return cls(mac=_bin(m, "mac", 32, 32))
 
 
@@ -269,7 +337,7 @@ class Alert:
 
     @classmethod
     def decode(cls, m: dict[str, Any]) -> Alert:
-        _exact_keys(m, {"type", "code"})
+        _exact_keys(m, _ALERT_KEYS)
         return cls(code=_int(m, "code", 0, 255))
 
 
@@ -282,7 +350,7 @@ class CloseNotify:
 
     @classmethod
     def decode(cls, m: dict[str, Any]) -> CloseNotify:
-        _exact_keys(m, {"type"})
+        _exact_keys(m, _TYPE_ONLY)
         return cls()
 
 
@@ -296,7 +364,7 @@ class KeyUpdate:
 
     @classmethod
     def decode(cls, m: dict[str, Any]) -> KeyUpdate:
-        _exact_keys(m, {"type", "request_update"})
+        _exact_keys(m, _KEY_UPDATE_KEYS)
         return cls(request_update=_get(m, "request_update", bool))
 
 
@@ -314,7 +382,7 @@ class NewTicket:
 
     @classmethod
     def decode(cls, m: dict[str, Any]) -> NewTicket:
-        _exact_keys(m, {"type", "ticket", "lifetime", "nonce"})
+        _exact_keys(m, _NEW_TICKET_KEYS)
         return cls(
             ticket=_bin(m, "ticket", 1, MAX_TICKET_LEN),
             lifetime=_int(m, "lifetime", 1, 7 * 24 * 3600),

@@ -50,11 +50,11 @@ log = logging.getLogger("securechan")
 
 def offer(hello: ClientHello, session: CachedSession) -> tuple[ClientHello, bytes]:
     """Attach ``session``'s ticket and its binder to ``hello``; return the hello and its frame."""
-    draft = dataclasses.replace(hello, ticket=session.ticket, binder=bytes(BINDER_LEN))
+    draft = hello.with_ticket(session.ticket, bytes(BINDER_LEN))
     frame = encode_frame(FrameType.HANDSHAKE, pack_map(draft.encode()))
     partial = frame[:-BINDER_LEN]
     binder = binder_mac(session.psk, hashlib.sha256(partial).digest())
-    return dataclasses.replace(draft, binder=binder), partial + binder
+    return hello.with_ticket(session.ticket, binder), partial + binder
 
 
 def _binder_ok(frame: bytes, binder: bytes, psk: bytes) -> bool:
@@ -72,6 +72,8 @@ class Resumption:
     version: int
     suite: int
     client_chain: tuple[x509.Certificate, ...]
+    #: ``client_chain`` as the DER the ticket carried.
+    client_der: tuple[bytes, ...] = ()
 
 
 def server_verdict(
@@ -102,7 +104,8 @@ def server_verdict(
         return _refuse(config, TicketStatus.MISMATCH, why)
     if not tickets.consume(ch.ticket, contents):
         return _refuse(config, TicketStatus.REPLAYED, "the single-use ticket was already used")
-    return Resumption(contents.psk, contents.version, contents.suite, chain), TicketStatus.ACCEPTED
+    der = contents.client_chain if chain else ()
+    return Resumption(contents.psk, contents.version, contents.suite, chain, der), TicketStatus.ACCEPTED
 
 
 def _mismatch(config: ServerConfig, ch: ClientHello, t: TicketContents, versions: tuple[int, ...]) -> str | None:
@@ -110,7 +113,7 @@ def _mismatch(config: ServerConfig, ch: ClientHello, t: TicketContents, versions
         return "the ticket was issued for another server name"
     if t.version not in versions:
         return f"the ticket's protocol version {t.version} is not the version negotiated now"
-    if t.suite not in ch.suites or t.suite not in {int(s) for s in config.suites}:
+    if t.suite not in ch.suites or t.suite not in config._suite_codes:
         return "the ticket's suite is no longer allowed by both sides"
     return None
 

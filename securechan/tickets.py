@@ -50,13 +50,12 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 from cryptography import x509
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import ConfigError, DecodeError
-from .frames import unpack_map
+from .frames import pack_map, unpack_map
 from .keyschedule import expand_label
 from .messages import MAX_TICKET_LEN
 
@@ -131,7 +130,7 @@ class TicketContents:
             m["server_name"] = self.server_name
         if self.client_chain:
             m["client_chain"] = list(self.client_chain)
-        return bytes(msgpack.packb(m, use_bin_type=True))
+        return pack_map(m)
 
     @classmethod
     def decode(cls, data: bytes) -> TicketContents:
@@ -483,6 +482,8 @@ class CachedSession:
     server_chain: tuple[x509.Certificate, ...]
     #: Client clock (monotonic) after which the ticket is no longer offered.
     expires: float
+    #: ``server_chain`` as the DER it was received in (empty: re-encode it when needed).
+    server_der: tuple[bytes, ...] = ()
 
 
 def client_expiry(received: float, lifetime: float) -> float:
@@ -516,8 +517,10 @@ class TicketCache(_Counted):
                 del self._entries[oldest_key]
 
     def put(self, key: Hashable, ticket: bytes, psk: bytes, version: int, suite: int,
-            server_chain: tuple[x509.Certificate, ...], lifetime: float) -> None:
-        entry = CachedSession(ticket, psk, version, suite, server_chain, client_expiry(self.clock(), lifetime))
+            server_chain: tuple[x509.Certificate, ...], lifetime: float, server_der: tuple[bytes, ...] = ()) -> None:
+        entry = CachedSession(
+            ticket, psk, version, suite, server_chain, client_expiry(self.clock(), lifetime), server_der
+        )
         with self._lock:
             self.stats.tickets += 1
             self._store(key, entry)
