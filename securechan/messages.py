@@ -96,14 +96,7 @@ def _exact_keys(m: dict[str, Any], allowed: frozenset[str]) -> None:
         raise DecodeError(f"{m.get('type', 'message')}: unexpected fields {sorted(extra)}")
 
 
-# ClientHello and ServerHello are built on every handshake, on both sides. A frozen dataclass's
-# generated __init__ sets each of their ten fields with object.__setattr__ (most of the cost of
-# building one); their __init__ below stores the same fields in the instance dict in one update.
-# The classes stay frozen: assigning or deleting a field afterwards raises FrozenInstanceError.
-# tests/test_codec.py checks that each __init__ takes exactly the dataclass fields and defaults.
-
-
-@dataclass(frozen=True, init=False)
+@dataclass(frozen=True)
 class ClientHello:
     TYPE: ClassVar[str] = "client_hello"
     versions: tuple[int, ...]
@@ -121,25 +114,6 @@ class ClientHello:
     #: Encoded as the LAST field, so it is the last 32 bytes of the frame (the binder covers
     #: the frame up to it). Fields added later must be encoded before it.
     binder: bytes | None = None
-
-    def __init__(
-        self,
-        versions: tuple[int, ...],
-        random: bytes,
-        suites: tuple[int, ...],
-        key_wraps: tuple[int, ...],
-        x25519: bytes,
-        max_record: int,
-        server_name: str | None = None,
-        accept_tickets: bool = False,
-        ticket: bytes | None = None,
-        binder: bytes | None = None,
-    ) -> None:
-        self.__dict__.update(
-            versions=versions, random=random, suites=suites, key_wraps=key_wraps, x25519=x25519,
-            max_record=max_record, server_name=server_name, accept_tickets=accept_tickets, ticket=ticket,
-            binder=binder,
-        )
 
     def encode(self) -> dict[str, Any]:
         m: dict[str, Any] = {
@@ -196,7 +170,7 @@ def _binder(m: dict[str, Any]) -> bytes | None:
     return binder
 
 
-@dataclass(frozen=True, init=False)
+@dataclass(frozen=True)
 class ServerHello:
     TYPE: ClassVar[str] = "server_hello"
     version: int
@@ -212,24 +186,6 @@ class ServerHello:
     resumed: bool = False
     #: Why an offered ticket was not used (securechan.tickets.TicketStatus; 0 = none offered or accepted).
     ticket_status: int = 0
-
-    def __init__(
-        self,
-        version: int,
-        random: bytes,
-        suite: int,
-        key_wrap: int,
-        x25519: bytes,
-        max_record: int,
-        certificates: tuple[bytes, ...] = (),
-        client_auth: tuple[int, ...] = (),
-        resumed: bool = False,
-        ticket_status: int = 0,
-    ) -> None:
-        self.__dict__.update(
-            version=version, random=random, suite=suite, key_wrap=key_wrap, x25519=x25519, max_record=max_record,
-            certificates=certificates, client_auth=client_auth, resumed=resumed, ticket_status=ticket_status,
-        )
 
     def encode(self) -> dict[str, Any]:
         m: dict[str, Any] = {
