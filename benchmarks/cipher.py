@@ -122,8 +122,8 @@ def measure(pki: BenchPKI, suites: list[Suite], sizes: list[int], volume: int, r
                 "seal": partial(_run, partial(client.seal_parts, payload), iters),
                 "raw_seal": partial(_run, partial(aead.encrypt_into, nonce, payload, aad, enc_buf), iters),
                 "open": partial(_run_timed, arrive, server.buffer_updated, iters),
-                "raw_open": partial(_run_timed, raw_arrive, partial(_decrypt_into, decrypt_into, nonce, aad, rx, dec_buf),
-                                    iters),
+                "raw_open": partial(_run_timed, raw_arrive,
+                                    partial(_decrypt_into, decrypt_into, nonce, aad, rx, dec_buf), iters),
             }, runs, warmup)
             del arrive, raw_arrive
             seal_rates, open_rates, raw_seal, raw_open = (rates[k] for k in ("seal", "open", "raw_seal", "raw_open"))
