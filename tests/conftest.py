@@ -42,7 +42,7 @@ class PKI:
 
 
 #: Test modules whose every test runs on both event loops.
-BOTH_LOOPS = {"test_streams"}
+BOTH_LOOPS = {"test_streams", "test_tunnel_relay", "test_tunnel_attacks"}
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -10,7 +11,17 @@ import socket
 import struct
 
 import pytest
-from tunnelkit import echo_then_bye, free_port, open_fds, pair, plain_target, running, server_spec, until
+from tunnelkit import (
+    client_spec,
+    echo_then_bye,
+    free_port,
+    open_fds,
+    pair,
+    plain_target,
+    running,
+    server_spec,
+    until,
+)
 
 import securechan
 
@@ -80,7 +91,10 @@ async def test_truncated_secure_stream_resets_the_plain_side(pki_dir, tunnel_log
         writer.write(b"x")
         await writer.drain()
         await until(lambda: len(srv.relays) == 1)
-        writer.get_extra_info("socket").shutdown(socket.SHUT_WR)  # FIN, no close_notify
+        # FIN, no close_notify (through a duplicate: uvloop's socket objects refuse shutdown())
+        sock = writer.get_extra_info("socket")
+        with socket.socket(sock.family, sock.type, fileno=os.dup(sock.fileno())) as dup:
+            dup.shutdown(socket.SHUT_WR)
         result = await asyncio.wait_for(outcome, 10)
         writer.transport.abort()
         await until(lambda: srv.completed == 1)
@@ -380,7 +394,7 @@ async def test_session_resumes_across_tunnel_connections(pki_dir, tunnel_log) ->
     assert " resumed " not in client_lines[0] and " resumed " in client_lines[1]
 
 
-async def test_unix_listeners_and_unix_target(pki_dir, tmp_path) -> None:
+async def test_unix_listeners_and_unix_target(pki_dir, tmp_path, tunnel_log) -> None:
     target_path = str(tmp_path / "svc.sock")
     server = await asyncio.start_unix_server(echo_then_bye, target_path)
     try:
@@ -398,6 +412,10 @@ async def test_unix_listeners_and_unix_target(pki_dir, tmp_path) -> None:
         assert not os.path.exists(f"{tmp_path}/in.sock")  # the listener removed its socket file
     finally:
         server.close()
+    # A Unix socket has no reset: each tunnel whose plain side is one says what that costs, once.
+    warnings = [line for line in lines(tunnel_log, logging.WARNING).splitlines() if "has no reset" in line]
+    assert len(warnings) == 3, warnings  # the server tunnel's target, the unused one's, the client's listener
+    assert any(f"plain side (unix:{tmp_path}/plain.sock)" in w and "reaches the client" in w for w in warnings)
 
 
 def parse_proxy_v2(data: bytes) -> tuple[int, int, bytes, bytes, int, int, bytes, int]:
@@ -558,3 +576,57 @@ async def test_records_arriving_with_the_clients_finished_reach_the_target(pki_d
         finally:
             sock.close()
     assert got == [b"early bytes"]
+
+
+async def test_a_client_is_not_read_while_its_tunnel_connects(pki_dir) -> None:
+    """Until the securechan connection exists, the client tunnel holds at most one read of the plain client,
+    however much it sends (uvloop starts reading right after connection_made, so the pause must follow it)."""
+    silent = socket.socket()  # the target accepts TCP and never answers the handshake
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        spec = client_spec(pki_dir, f"127.0.0.1:{silent.getsockname()[1]}", handshake_timeout=3.0)
+        async with running(spec) as (cli,):
+            reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+            chunk = os.urandom(1 << 20)
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 1.5  # inside the handshake timeout
+            peak = 0
+            while loop.time() < end:
+                writer.write(chunk)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(writer.drain(), 0.05)
+                peak = max([peak, *(r.held_bytes() for r in cli.connecting)])
+            assert cli.connecting, "the connection was not waiting for its handshake"
+            writer.transport.abort()
+    finally:
+        silent.close()
+    assert peak <= 1 << 20, f"the client tunnel held {peak} bytes of a connection still in its handshake"
+
+
+async def test_eof_towards_a_target_that_reset_is_a_reset(pki_dir, tunnel_log) -> None:
+    """close_notify arrives for a target that reset while the tunnel was not reading it: the relay resets the
+    client and blames the target (write_eof raises there, and must not escape into the secure side)."""
+    reset_now = asyncio.Event()
+
+    async def flood_then_reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            for _ in range(400):  # the secure client reads nothing: the tunnel stops reading this target
+                writer.write(b"t" * 65536)
+                await asyncio.wait_for(writer.drain(), 0.5)
+        await reset_now.wait()
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    async with plain_target(flood_then_reset) as port, running(server_spec(pki_dir, f"127.0.0.1:{port}")) as (srv,):
+        reader, writer = await securechan.open_connection("127.0.0.1", srv.port, config=pki_dir.client_config(),
+                                                          server_name="localhost")
+        writer.transport.pause_reading()  # the client does not read
+        await until(lambda: bool(srv.relays) and not next(iter(srv.relays)).target.transport.is_reading(), 20)
+        reset_now.set()
+        await asyncio.sleep(1.0)  # the target's RST reaches the tunnel, which is not reading that socket
+        writer.write_eof()  # close_notify: the tunnel forwards it as write_eof() to the reset target
+        await until(lambda: srv.completed == 1, 20)
+        writer.transport.abort()
+    closed = [line.split("closed: ", 1)[1] for line in lines(tunnel_log).splitlines() if "closed: " in line]
+    assert closed and closed[0].startswith("target "), f"the relay blamed the wrong side: {closed}"

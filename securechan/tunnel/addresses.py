@@ -72,12 +72,21 @@ async def connect(
     """
     loop = asyncio.get_running_loop()
     attempt = 0
+    handed_out = False
+
+    def factory() -> asyncio.BaseProtocol:
+        nonlocal handed_out
+        handed_out = True
+        return protocol_factory()
+
     while True:
         try:
             async with asyncio.timeout(timeout):
-                return await _connect_once(loop, address, protocol_factory)
+                return await _connect_once(loop, address, factory)
         except OSError:
-            if attempt >= retries:
+            # A protocol that saw a connection (a timeout landing just after connection_made)
+            # is not handed to a second one: the caller sees the failure instead.
+            if attempt >= retries or handed_out:
                 raise
             attempt += 1
             await asyncio.sleep(retry_delay)

@@ -78,6 +78,8 @@ class End(asyncio.Protocol):
         #: Input delivered before the other end existed (at most one read: reading is paused).
         self._early: list[bytes] = []
         self._peer_full = False  # the other end's write buffer is above its high-water mark
+        #: This end's own write buffer is above its high-water mark (kept even before wiring).
+        self.write_paused = False
         #: Called once this end's connection exists (the tunnel admits it and starts the other end).
         self.on_connected: Callable[[End], None] | None = None
 
@@ -98,6 +100,8 @@ class End(asyncio.Protocol):
         peer = self.peer
         if peer is None:
             self._early.append(data)
+            if self.transport is not None:
+                self.transport.pause_reading()  # uvloop ignores a pause inside connection_made
             return
         out = peer.transport
         if out is not None and not peer.lost:
@@ -115,18 +119,20 @@ class End(asyncio.Protocol):
         return True  # keep the other direction open (half-close)
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer.transport.is_closing():
             peer._peer_full = True
             peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         relay = self.relay
         relay.last_activity = relay.loop.time()
         peer = self.peer
         if peer is not None and peer._peer_full:
             peer._peer_full = False
-            if peer.transport is not None and not peer.transport.is_closing() and not peer.eof:
+            if peer.transport is not None and not peer.transport.is_closing() and not peer.eof and relay.wired:
                 peer.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -136,24 +142,38 @@ class End(asyncio.Protocol):
     # -- used by the relay ------------------------------------------------------------------
 
     def wire(self, peer: End) -> None:
-        """Start relaying to ``peer``: hand over what arrived early, then read."""
-        self.peer = peer
+        """Start relaying to ``peer``: hand over what arrived early (``peer`` already points back at us)."""
         early, self._early = self._early, []
         for data in early:
             peer.transport.write(data)  # type: ignore[union-attr]
         if self.eof:
             peer.send_eof()
-        elif self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+
+    def start_reading(self) -> None:
+        """Read unless our input ended or the other end cannot take more."""
+        peer = self.peer
+        assert peer is not None
+        self._peer_full = peer.write_paused
+        if self.eof or self._peer_full or self.lost or self.transport is None or self.transport.is_closing():
+            return
+        self.transport.resume_reading()
 
     def send_eof(self) -> None:
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None or self.relay.reason is not None:
             return
-        if transport.can_write_eof():
-            transport.write_eof()
-        else:
-            transport.close()
+        if self.lost or transport.is_closing():
+            # The relay closes an end only after both directions ended, so this one is going away
+            # with an error (a failed write): the EOF cannot arrive, and the stream must not look complete.
+            self.relay.stop(f"{self.label} went away before the end of the stream")
+            return
+        try:
+            if transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
+        except OSError as exc:  # e.g. ENOTCONN: the plain peer reset while we were not reading it
+            self.relay.stop(f"{self.label} connection reset ({_describe(exc)})")
 
     def held_bytes(self) -> int:
         transport = self.transport
@@ -216,9 +236,14 @@ class Relay:
             return  # stopped while connecting
         self.wired = True
         self.started = self.last_activity = self.loop.time()
+        self.client.peer, self.target.peer = self.target, self.client
+        self._arm_timer()
         self.client.wire(self.target)
         self.target.wire(self.client)
-        self._arm_timer()
+        if self.reason is not None:
+            return  # stopped while handing over (a reset peer)
+        self.client.start_reading()
+        self.target.start_reading()
         self._maybe_finish()
 
     async def wait(self) -> str:
@@ -237,6 +262,10 @@ class Relay:
         """End the relay now: drop both ends (RST on TCP, no close_notify on securechan)."""
         if self.reason is None:
             self.reason = reason
+            self.failed = True
+        elif self._finishing and not self._done.done() and not self.failed:
+            # Both directions had ended, but their last bytes were still on their way out.
+            self.reason += f", then cut before the last bytes were delivered ({reason})"
             self.failed = True
         self.client.abort()
         self.target.abort()

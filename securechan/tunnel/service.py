@@ -97,7 +97,9 @@ class Tunnel:
         self._client_config: ClientConfig | None = spec.client_config() if spec.mode == "client" else None
         self.server: asyncio.Server | None = None
         self.active = 0
+        #: Relays running, and relays whose second connection (target connect, handshake) is still being made.
         self.relays: set[Relay] = set()
+        self.connecting: set[Relay] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._protocols: set[_CountedProtocol] = set()
         self._closing = False
@@ -136,6 +138,13 @@ class Tunnel:
                  "securechan in" if spec.mode == "server" else "plain in", ", ".join(self.addresses),
                  "plain" if spec.mode == "server" else "securechan", spec.target, spec.max_connections,
                  ", PROXY v2" if spec.proxy_protocol else "")
+        plain = spec.target if spec.mode == "server" else spec.listen
+        if plain.is_unix:
+            who = "the service" if spec.mode == "server" else "the client"
+            log.warning("tunnel %r: the plain side (%s) is a Unix socket, which has no reset: a stream this tunnel "
+                        "has to cut (a failed or truncated securechan connection, a timeout) reaches %s as a normal "
+                        "end of stream. Use loopback TCP if %s must tell a cut stream from a complete one.",
+                        spec.title, plain, who, who)
 
     @property
     def addresses(self) -> list[str]:
@@ -165,7 +174,7 @@ class Tunnel:
         """
         loop = asyncio.get_running_loop()
         end = None if deadline is None else loop.time() + deadline
-        while self.active and not self._hurry and (end is None or loop.time() < end):
+        while (self.active or self.relays) and not self._hurry and (end is None or loop.time() < end):
             await asyncio.sleep(0.05)
         cut = len(self.relays)
         if self._hurry:
@@ -279,17 +288,20 @@ class Tunnel:
         cert = secure.get_extra_info("peercert")
         identity = repr(describe(cert)) if cert is not None else "none"
         suite = session.suite + (" resumed" if session.resumed else "")
+        self.connecting.add(relay)
         try:
             await connect(spec.target, lambda: relay.target, spec.connect_timeout, spec.connect_retries,
                           spec.retry_delay)
         except OSError as exc:
-            _reset(secure)
+            relay.stop("target connection failed")
             self._log_end(peer, identity, suite, None, _target_failure(spec.target, spec.connect_timeout, exc),
                           started, failed=True)
             return
         except asyncio.CancelledError:
-            _reset(secure)
+            relay.stop("cancelled")
             raise
+        finally:
+            self.connecting.discard(relay)
         if spec.proxy_protocol:
             cn = None
             if cert is not None:
@@ -304,6 +316,7 @@ class Tunnel:
         await self._run_relay(relay, peer, identity, suite, started)
 
     async def _run_relay(self, relay: Relay, peer: str, identity: str, suite: str, started: float) -> None:
+        self.connecting.discard(relay)
         self.relays.add(relay)
         try:
             await relay.run()
@@ -325,9 +338,11 @@ class Tunnel:
             self._spawn(self._serve_plain(end.relay))
 
     async def _serve_plain(self, relay: Relay) -> None:
+        self.connecting.add(relay)
         try:
             await self._relay_plain(relay)
         finally:
+            self.connecting.discard(relay)
             self._release()
 
     async def _relay_plain(self, relay: Relay) -> None:
@@ -345,16 +360,16 @@ class Tunnel:
                 (target.path or target.host, target.port, name),
             )
         except SecureChannelError as exc:  # before OSError: TruncationError is both
-            _reset(plain)
+            relay.stop("securechan connection failed")
             self._log_end(peer, "-", "-", None, self._handshake_failure(exc), started, failed=True)
             return
         except OSError as exc:
-            _reset(plain)
+            relay.stop("securechan connection failed")
             self._log_end(peer, "-", "-", None, _target_failure(target, spec.connect_timeout, exc),
                           started, failed=True)
             return
         except BaseException:
-            _reset(plain)
+            relay.stop("cancelled")
             raise
         session = secure.get_extra_info("securechan")
         cert = secure.get_extra_info("peercert")
