@@ -275,10 +275,6 @@ class Relay:
         """Bytes this process holds for the connection: unsent output and input not yet relayed."""
         return self.client.held_bytes() + self.target.held_bytes()
 
-    @property
-    def duration(self) -> float:
-        return self.loop.time() - self.started
-
     # -- events from the ends ------------------------------------------------------------------
 
     def _end_connected(self, end: End) -> None:
