@@ -96,7 +96,13 @@ async def serve(
         open_now = sum(t.active for t in tunnels)
         log.info("shutting down (%s): not accepting; %d connection%s open, waiting up to %g s",
                  why[0], open_now, "" if open_now == 1 else "s", drain_timeout)
-        cut = sum(await asyncio.gather(*(t.drain(drain_timeout) for t in tunnels)))
+        await asyncio.gather(*(t.wait_drained(drain_timeout) for t in tunnels))
+        # Counted for all tunnels before any is cut: cutting one tunnel's relays ends the relays
+        # that another tunnel of this process carries for the same connections.
+        still_open = [len(t.relays) for t in tunnels]
+        reasons = [t.cut_reason(drain_timeout) for t in tunnels]
+        await asyncio.gather(*(t.cut_open(r) for t, r in zip(tunnels, reasons, strict=True)))
+        cut = sum(still_open)
         for tunnel in tunnels:
             await tunnel.close(0)
     finally:

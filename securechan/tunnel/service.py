@@ -172,15 +172,25 @@ class Tunnel:
 
         Returns how many relays were cut.
         """
+        await self.wait_drained(deadline)
+        return await self.cut_open(self.cut_reason(deadline))
+
+    async def wait_drained(self, deadline: float | None) -> None:
+        """Wait up to ``deadline`` seconds (None: forever) for open connections to finish (or :meth:`hurry`)."""
         loop = asyncio.get_running_loop()
         end = None if deadline is None else loop.time() + deadline
         while (self.active or self.relays) and not self._hurry and (end is None or loop.time() < end):
             await asyncio.sleep(0.05)
-        cut = len(self.relays)
+
+    def cut_reason(self, deadline: float | None) -> str:
+        """How a cut at the end of :meth:`wait_drained` is logged."""
         if self._hurry:
-            reason = "cut by a second stop signal"
-        else:
-            reason = f"shutdown deadline ({deadline:g} s) reached" if deadline is not None else "shutdown"
+            return "cut by a second stop signal"
+        return f"shutdown deadline ({deadline:g} s) reached" if deadline is not None else "shutdown"
+
+    async def cut_open(self, reason: str) -> int:
+        """Abort every open connection now (RST / no close_notify); returns how many relays were cut."""
+        cut = len(self.relays)
         for relay in list(self.relays):
             relay.stop(reason)
         for proto in list(self._protocols):
