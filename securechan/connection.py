@@ -31,7 +31,8 @@ import mmap
 import os
 import struct
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
+from typing import NoReturn
 
 from .config import ClientConfig, ServerConfig
 from .errors import (
@@ -82,6 +83,7 @@ _MIN_FREE = 4096
 _RECV_LIMIT_RECORDS = 2**25
 _RECV_LIMIT_BYTES = 2**36
 _HEAD = struct.Struct(">BBBI")
+_unpack_head = _HEAD.unpack_from
 _ALERT_BODY = 64
 _APPLICATION_DATA = int(FrameType.APPLICATION_DATA)
 _HANDSHAKE = int(FrameType.HANDSHAKE)
@@ -163,6 +165,16 @@ class Connection:
     connection updates its key before the next record it sends.
     """
 
+    # Slots: attribute reads on the per-record path stay fast (an instance dict with more keys
+    # than CPython shares between instances falls back to slower lookups), and each idle
+    # connection is smaller.
+    __slots__ = (
+        "_buf", "_clock", "_end", "_entropy", "_error_raised", "_exporter_secret", "_handshake_done", "_hs",
+        "_live_sealer", "_need", "_opener", "_out", "_peer_der", "_recv_closed", "_recv_limits", "_rekey_bytes",
+        "_rekey_records", "_resume_key", "_sealer", "_send_closed", "_send_limit", "_start", "_suite",
+        "_update_at", "config", "error", "resumption_secret", "role", "session", "state",
+    )
+
     def __init__(
         self,
         config: ClientConfig | ServerConfig,
@@ -185,6 +197,11 @@ class Connection:
         self._need = 0  # size of the frame being assembled, once its head is validated
         self._error_raised = False
         self._sealer: Sealer | None = None
+        #: The sealer while sending is allowed: keys installed, our direction open, not failed or
+        #: closed. Cleared by ``close`` and ``_wipe`` (every path to FAILED or CLOSED wipes).
+        self._live_sealer: Sealer | None = None
+        self._rekey_records = config.key_update_records
+        self._rekey_bytes = config.key_update_bytes
         self._opener: Opener | None = None
         self._send_limit = config.max_record_size
         self._recv_limits: dict[int, int] = _HANDSHAKE_LIMITS
@@ -221,7 +238,7 @@ class Connection:
     @property
     def can_send(self) -> bool:
         """True while application data may be sent (keys installed and our direction open)."""
-        return self._sealer is not None and not self._send_closed and self.state not in (State.FAILED, State.CLOSED)
+        return self._live_sealer is not None
 
     @property
     def send_closed(self) -> bool:
@@ -249,32 +266,38 @@ class Connection:
         """Return the records protecting ``data`` without queueing them."""
         return b"".join(self.seal_parts(data))
 
-    def seal_parts(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+    def seal_parts(self, data: bytes | bytearray | memoryview) -> Sequence[bytes]:
         """Like :meth:`seal`, as buffers to send in order: the fast path (``transport.writelines``).
 
         Each record is two buffers, its head, then its ciphertext and tag; the ciphertext is the
         object the AEAD call allocated, so no byte of the payload is copied or zero-filled on the way.
         """
-        if not self.can_send:
+        sealer = self._live_sealer
+        if sealer is None:
             self._raise_cannot_send()
-        sealer = self._sealer
-        assert sealer is not None
-        view = memoryview(data).cast("B")
+        view = data if type(data) is bytes else memoryview(data).cast("B")
+        if (
+            len(view) <= self._send_limit
+            and sealer.seq < self._rekey_records
+            and sealer.bytes < self._rekey_bytes
+            and self._update_at is None
+        ):
+            # One record, no key update due: the common case, kept to a handful of operations.
+            return sealer.seal_parts(_APPLICATION_DATA, view)
         limit = self._send_limit
-        config = self.config
         parts: list[bytes] = []
         for start in range(0, len(view), limit):
             if (
-                sealer.seq >= config.key_update_records
-                or sealer.bytes >= config.key_update_bytes
+                sealer.seq >= self._rekey_records
+                or sealer.bytes >= self._rekey_bytes
                 or (self._update_at is not None and self._clock() >= self._update_at)
             ):
                 # Rare: ratchet first. The KeyUpdate record must precede what follows it.
                 parts.append(self._key_update_frame(request_update=False))
-            parts += sealer.seal_parts(FrameType.APPLICATION_DATA, view[start : start + limit])
+            parts += sealer.seal_parts(_APPLICATION_DATA, view[start : start + limit])
         return parts
 
-    def _raise_cannot_send(self) -> None:
+    def _raise_cannot_send(self) -> NoReturn:
         if self.state is State.FAILED:
             raise ConnectionClosedError("cannot send: the connection failed")
         if self._send_closed:
@@ -293,6 +316,7 @@ class Connection:
             return
         self._out.append(self._sealer.seal(FrameType.CONTROL, pack_map(CloseNotify().encode())))
         self._send_closed = True
+        self._live_sealer = None
         if self._recv_closed:
             self.state = State.CLOSED
             self._wipe()
@@ -405,38 +429,40 @@ class Connection:
     def buffer_updated(self, nbytes: int) -> list[Event]:
         if self.state is State.FAILED:
             raise self._raise_after_failure()
-        self._end += nbytes
+        self._end = stop = self._end + nbytes
         events: list[Event] = []
         buf = self._buf
+        pos = self._start
+        need = 0  # the whole size of a frame whose head is validated but whose body is still due
         try:
-            while True:
-                pos = self._start
-                avail = self._end - pos
-                if avail < HEADER_LEN:
-                    break
-                marker, ftype, binmark, length = _HEAD.unpack_from(buf, pos)
+            while stop - pos >= HEADER_LEN:
+                marker, ftype, binmark, length = _unpack_head(buf, pos)
                 # Fast path: a well-formed head of a frame type allowed now, within its limit (the
                 # limits hold only FrameType values). Anything else gets parse_header's checks and messages.
                 if marker != 0x92 or binmark != 0xC6 or length > self._recv_limits.get(ftype, -1):
                     ftype, length = parse_header(buf[pos : pos + HEADER_LEN], self._recv_limits)
-                end = pos + HEADER_LEN + length
-                if end > self._end:
-                    self._need = end - pos
+                body = pos + HEADER_LEN
+                end = body + length
+                if end > stop:
+                    need = end - pos
                     break
-                self._need = 0
                 if ftype == _APPLICATION_DATA:
-                    data = self._open(bytes(buf[pos : pos + HEADER_LEN]), memoryview(buf)[pos + HEADER_LEN : end])
+                    # The head is the AAD as is (a slice, one copy); the body is opened in place.
+                    data = self._open(buf[pos:body], memoryview(buf)[body:end])
                     if data:
                         events.append(DataReceived(data))
-                elif ftype == _HANDSHAKE:
+                    pos = end
+                    continue
+                self._start = pos
+                if ftype == _HANDSHAKE:
                     # The whole frame, copied once: it is both the transcript input and what is decoded.
                     self._on_handshake(bytes(memoryview(buf)[pos:end]), events)
                 else:
-                    head = bytes(buf[pos : pos + HEADER_LEN])
-                    self._dispatch(ftype, head, memoryview(buf)[pos + HEADER_LEN : end], events)
-                self._start = end
-                buf = self._buf
+                    self._dispatch(ftype, buf[pos:body], memoryview(buf)[body:end], events)
+                pos = end
+                buf, stop = self._buf, self._end
         except Exception as exc:
+            self._start, self._need = pos, 0  # the frame that failed; what precedes it was consumed
             # Only typed errors leave the connection: anything else is a defect, but it still
             # fails closed (alert, FAILED, secrets wiped) rather than leaving a half-updated state.
             error = exc if isinstance(exc, SecureChannelError) else InternalError(
@@ -449,13 +475,16 @@ class Connection:
             if error is exc:
                 raise
             raise error from exc
-        if self._start == self._end:
+        self._need = need
+        if pos == stop:
             # Keep a grown buffer while traffic flows (reallocating it per read cost more than the
             # cipher, benchmarks/README.md); the I/O layer calls release_buffer() once idle.
             self._start = self._end = 0
+        else:
+            self._start = pos
         return events
 
-    def _open(self, head: bytes, body: memoryview) -> bytes:
+    def _open(self, head: bytes | bytearray, body: memoryview) -> bytes:
         opener = self._opener
         assert opener is not None
         if len(body) < TAG_LEN:
@@ -464,7 +493,7 @@ class Connection:
             raise ProtocolError("the peer exceeded the per-key usage limit without a key update")
         return opener.open(head, body)
 
-    def _dispatch(self, ftype: int, head: bytes, body: memoryview, events: list[Event]) -> None:
+    def _dispatch(self, ftype: int, head: bytes | bytearray, body: memoryview, events: list[Event]) -> None:
         """CONTROL and ALERT frames (APPLICATION_DATA and HANDSHAKE are handled in buffer_updated)."""
         if ftype == FrameType.CONTROL:
             self._on_control(self._open(head, body), events)
@@ -496,7 +525,7 @@ class Connection:
 
     def _install(self, s: Secrets) -> None:
         client = self.role is Role.CLIENT
-        self._sealer = Sealer(s.suite, s.client_traffic if client else s.server_traffic)
+        self._sealer = self._live_sealer = Sealer(s.suite, s.client_traffic if client else s.server_traffic)
         self._opener = Opener(s.suite, s.server_traffic if client else s.client_traffic)
         self._send_limit = s.send_record_limit
         self._exporter_secret = bytearray(s.exporter)
@@ -633,6 +662,7 @@ class Connection:
 
     def _wipe(self) -> None:
         """Drop references to key material (see docs/SECURITY.md for what Python can promise)."""
+        self._live_sealer = None
         for direction in (self._sealer, self._opener):
             if direction is not None:
                 direction.wipe()

@@ -15,7 +15,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from .errors import BadRecordMACError, InternalError
-from .frames import TAG_LEN, FrameType
+from .frames import TAG_LEN
 from .keyschedule import next_traffic_secret, traffic_key_iv
 from .suites import Suite
 
@@ -64,7 +64,7 @@ class _Direction:
 class Sealer(_Direction):
     """Protects outgoing records."""
 
-    def seal_parts(self, ftype: FrameType, payload: memoryview | bytes) -> tuple[bytes, bytes]:
+    def seal_parts(self, ftype: int, payload: memoryview | bytes) -> tuple[bytes, bytes]:
         """One whole frame as two buffers: its head, then ciphertext and tag (the head is the AAD)."""
         n = len(payload)
         head = _HEAD.pack(0x92, ftype, 0xC6, n + TAG_LEN)
@@ -72,7 +72,7 @@ class Sealer(_Direction):
         self.bytes += n
         return head, sealed
 
-    def seal(self, ftype: FrameType, payload: bytes) -> bytes:
+    def seal(self, ftype: int, payload: bytes) -> bytes:
         head, sealed = self.seal_parts(ftype, payload)
         return head + sealed
 
@@ -80,7 +80,7 @@ class Sealer(_Direction):
 class Opener(_Direction):
     """Authenticates and decrypts incoming records. Nothing is returned unless the tag verifies."""
 
-    def open(self, head: bytes | memoryview, body: memoryview) -> bytes:
+    def open(self, head: bytes | bytearray | memoryview, body: memoryview) -> bytes:
         # ``decrypt`` allocates the plaintext itself and returns it only once the tag verified;
         # the fresh bytes object goes to the application as is (no zeroed buffer, no second copy).
         nonce = self._next_nonce()
