@@ -284,6 +284,8 @@ class Connection:
         ):
             # One record, no key update due: the common case, kept to a handful of operations.
             return sealer.seal_parts(_APPLICATION_DATA, view)
+        if type(view) is bytes:
+            view = memoryview(view)  # records are slices of it: no copy
         limit = self._send_limit
         parts: list[bytes] = []
         for start in range(0, len(view), limit):
