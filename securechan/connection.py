@@ -198,7 +198,8 @@ class Connection:
         self._error_raised = False
         self._sealer: Sealer | None = None
         #: The sealer while sending is allowed: keys installed, our direction open, not failed or
-        #: closed. Cleared by ``close`` and ``_wipe`` (every path to FAILED or CLOSED wipes).
+        #: closed. Set once, by ``_install``; cleared by ``close`` and by ``_wipe``, which every
+        #: path to FAILED or CLOSED after ``_install`` runs (before it, there is nothing to clear).
         self._live_sealer: Sealer | None = None
         self._rekey_records = config.key_update_records
         self._rekey_bytes = config.key_update_bytes
@@ -277,7 +278,7 @@ class Connection:
             self._raise_cannot_send()
         view = data if type(data) is bytes else memoryview(data).cast("B")
         if (
-            len(view) <= self._send_limit
+            0 < len(view) <= self._send_limit
             and sealer.seq < self._rekey_records
             and sealer.bytes < self._rekey_bytes
             and self._update_at is None
@@ -527,6 +528,7 @@ class Connection:
 
     def _install(self, s: Secrets) -> None:
         client = self.role is Role.CLIENT
+        assert not self._send_closed and self._sealer is None  # traffic keys arrive once
         self._sealer = self._live_sealer = Sealer(s.suite, s.client_traffic if client else s.server_traffic)
         self._opener = Opener(s.suite, s.server_traffic if client else s.client_traffic)
         self._send_limit = s.send_record_limit

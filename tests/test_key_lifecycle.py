@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import logging
 import os
@@ -94,6 +95,18 @@ def test_key_updates_by_records_and_bytes(pki_dir) -> None:
     for _ in range(10):
         updates += receiver_updates(send(client, server, b"z" * 1000))
     assert updates == [1]
+
+
+def test_sealing_nothing_sends_nothing_and_uses_no_sequence_number(pki_dir) -> None:
+    client, server = connected_pair(pki_dir.client_config(), pki_dir.server_config())
+    assert client.seal(b"") == b""
+    client.send_data(bytearray())
+    client.send_data(memoryview(b""))
+    assert client.data_to_send() == b""
+    # A record sealed after the empty sends opens: no nonce was spent on them.
+    wide = memoryview(array.array("I", [1, 2, 3]))  # a non-byte format is sent as its bytes
+    events = server.receive_data(client.seal(b"after") + client.seal(wide))
+    assert [e.data for e in events if isinstance(e, DataReceived)] == [b"after", wide.tobytes()]
 
 
 async def test_time_based_updates_over_loopback(serve, pki_dir, caplog) -> None:
