@@ -38,9 +38,7 @@ from .config import ClientConfig, ServerConfig
 from .errors import (
     AlertCode,
     ConnectionClosedError,
-    DecodeError,
     InternalError,
-    ProtocolError,
     SecureChannelError,
     TruncationError,
     UnexpectedMessageError,
@@ -79,9 +77,6 @@ log = logging.getLogger("securechan")
 _READ_CHUNK = 256 * 1024
 _SMALL_BUFFER = 16 * 1024
 _MIN_FREE = 4096
-#: A peer must update its key before it sends this much under one key (hard ceiling).
-_RECV_LIMIT_RECORDS = 2**25
-_RECV_LIMIT_BYTES = 2**36
 _HEAD = struct.Struct(">BBBI")
 _unpack_head = _HEAD.unpack_from
 _ALERT_BODY = 64
@@ -451,7 +446,9 @@ class Connection:
                     break
                 if ftype == _APPLICATION_DATA:
                     # The head is the AAD as is (a slice, one copy); the body is opened in place.
-                    data = self._open(buf[pos:body], memoryview(buf)[body:end])
+                    opener = self._opener
+                    assert opener is not None  # APPLICATION_DATA is allowed only once the keys exist
+                    data = opener.open(buf[pos:body], memoryview(buf)[body:end])
                     if data:
                         events.append(DataReceived(data))
                     pos = end
@@ -487,19 +484,12 @@ class Connection:
             self._start = pos
         return events
 
-    def _open(self, head: bytes | bytearray, body: memoryview) -> bytes:
-        opener = self._opener
-        assert opener is not None
-        if len(body) < TAG_LEN:
-            raise DecodeError("protected record shorter than its tag")
-        if opener.seq >= _RECV_LIMIT_RECORDS or opener.bytes >= _RECV_LIMIT_BYTES:
-            raise ProtocolError("the peer exceeded the per-key usage limit without a key update")
-        return opener.open(head, body)
-
     def _dispatch(self, ftype: int, head: bytes | bytearray, body: memoryview, events: list[Event]) -> None:
         """CONTROL and ALERT frames (APPLICATION_DATA and HANDSHAKE are handled in buffer_updated)."""
         if ftype == FrameType.CONTROL:
-            self._on_control(self._open(head, body), events)
+            opener = self._opener
+            assert opener is not None  # CONTROL is allowed only once the keys exist
+            self._on_control(opener.open(head, body), events)
         else:  # FrameType.ALERT: plaintext, unauthenticated, always fatal
             alert = Alert.decode(unpack_map(body, _ALERT_BODY))
             if alert.code == AlertCode.CLOSE_NOTIFY:

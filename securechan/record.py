@@ -14,13 +14,16 @@ import struct
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from .errors import BadRecordMACError, InternalError
+from .errors import BadRecordMACError, DecodeError, InternalError, ProtocolError
 from .frames import TAG_LEN
 from .keyschedule import next_traffic_secret, traffic_key_iv
 from .suites import Suite
 
 _HEAD = struct.Struct(">BBBI")
 _SEQ_LIMIT = 2**64 - 1
+#: A peer must update its key before it sends this much under one key (hard ceiling).
+RECV_LIMIT_RECORDS = 2**25
+RECV_LIMIT_BYTES = 2**36
 
 
 class _Direction:
@@ -81,6 +84,10 @@ class Opener(_Direction):
     """Authenticates and decrypts incoming records. Nothing is returned unless the tag verifies."""
 
     def open(self, head: bytes | bytearray | memoryview, body: memoryview) -> bytes:
+        if len(body) < TAG_LEN:
+            raise DecodeError("protected record shorter than its tag")
+        if self.seq >= RECV_LIMIT_RECORDS or self.bytes >= RECV_LIMIT_BYTES:
+            raise ProtocolError("the peer exceeded the per-key usage limit without a key update")
         # ``decrypt`` allocates the plaintext itself and returns it only once the tag verified;
         # the fresh bytes object goes to the application as is (no zeroed buffer, no second copy).
         nonce = self._next_nonce()

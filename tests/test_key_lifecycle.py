@@ -10,6 +10,7 @@ import os
 import pytest
 
 import securechan
+from securechan import SecureChannelError
 from securechan.connection import Connection, State
 from securechan.errors import AlertCode
 from securechan.events import DataReceived, KeysUpdated
@@ -107,6 +108,37 @@ def test_sealing_nothing_sends_nothing_and_uses_no_sequence_number(pki_dir) -> N
     wide = memoryview(array.array("I", [1, 2, 3]))  # a non-byte format is sent as its bytes
     events = server.receive_data(client.seal(b"after") + client.seal(wide))
     assert [e.data for e in events if isinstance(e, DataReceived)] == [b"after", wide.tobytes()]
+
+
+def alert_heard(sender: Connection, peer: Connection) -> SecureChannelError:
+    """The error ``peer`` raises on the (protected) alert ``sender`` queued."""
+    with pytest.raises(SecureChannelError) as info:
+        peer.receive_data(sender.data_to_send())
+    return info.value
+
+
+def test_a_record_shorter_than_its_tag_is_a_decode_error(pki_dir) -> None:
+    client, server = connected_pair(pki_dir.client_config(), pki_dir.server_config())
+    with pytest.raises(securechan.DecodeError, match="shorter than its tag"):
+        server.receive_data(encode_frame(FrameType.APPLICATION_DATA, b"short"))
+    assert server.state is State.FAILED
+    heard = alert_heard(server, client)
+    assert type(heard) is securechan.DecodeError and heard.remote
+
+
+@pytest.mark.parametrize("limit", ["RECV_LIMIT_RECORDS", "RECV_LIMIT_BYTES"])
+def test_a_peer_that_never_updates_its_key_is_cut_at_the_usage_ceiling(pki_dir, monkeypatch, limit) -> None:
+    # The ceilings (2**25 records, 2**36 bytes) lowered so the test reaches them; the sender's own
+    # update thresholds (2**23 records by default) stay far above, as a peer that never updates.
+    monkeypatch.setattr(securechan.record, limit, 3 if limit == "RECV_LIMIT_RECORDS" else 3000)
+    client, server = connected_pair(pki_dir.client_config(), pki_dir.server_config())
+    for _ in range(3):
+        send(client, server, b"z" * 1000)
+    client.send_data(b"one too many")
+    with pytest.raises(securechan.ProtocolError, match="usage limit without a key update"):
+        server.receive_data(client.data_to_send())
+    heard = alert_heard(server, client)
+    assert type(heard) is securechan.UnexpectedMessageError and heard.remote
 
 
 async def test_time_based_updates_over_loopback(serve, pki_dir, caplog) -> None:
