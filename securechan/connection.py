@@ -68,7 +68,6 @@ from .messages import (
     decode_message,
 )
 from .record import Opener, Sealer
-from .suites import Suite
 from .tickets import TicketContents
 
 log = logging.getLogger("securechan")
@@ -166,7 +165,7 @@ class Connection:
     __slots__ = (
         "_buf", "_clock", "_end", "_entropy", "_error_raised", "_exporter_secret", "_handshake_done", "_hs",
         "_live_sealer", "_need", "_opener", "_out", "_peer_der", "_recv_closed", "_recv_limits", "_rekey_bytes",
-        "_rekey_records", "_resume_key", "_sealer", "_send_closed", "_send_limit", "_start", "_suite",
+        "_rekey_records", "_resume_key", "_sealer", "_send_closed", "_send_limit", "_start",
         "_update_at", "config", "error", "resumption_secret", "role", "session", "state",
     )
 
@@ -209,7 +208,6 @@ class Connection:
         self.error: SecureChannelError | None = None
         self._exporter_secret = bytearray()
         self.resumption_secret = b""
-        self._suite: Suite | None = None
         self._peer_der: tuple[bytes, ...] = ()
         self._hs: ClientHandshake | ServerHandshake | None
         if isinstance(config, ClientConfig):
@@ -524,7 +522,7 @@ class Connection:
         self._send_limit = s.send_record_limit
         self._exporter_secret = bytearray(s.exporter)
         self.resumption_secret = s.resumption
-        self._suite, self._peer_der = s.suite, s.peer_der
+        self._peer_der = s.peer_der
         self._schedule_time_update()
         hs = self._hs
         assert hs is not None
@@ -543,7 +541,7 @@ class Connection:
     def _complete(self, events: list[Event]) -> None:
         assert self.session is not None
         self._handshake_done = True
-        send_ticket = isinstance(self._hs, ServerHandshake) and self._hs.client_accepts_tickets
+        send_ticket = isinstance(self._hs, ServerHandshake) and self._hs.issues_ticket
         self._hs = None
         self.state = State.CONNECTED
         self._recv_limits = {
@@ -561,9 +559,8 @@ class Connection:
 
     def _after_server_handshake(self, send_ticket: bool) -> None:
         """Count the handshake; send a session ticket if the client keeps them (docs/PROTOCOL.md, "Resumption")."""
-        config, session, suite = self.config, self.session, self._suite
-        assert isinstance(config, ServerConfig) and session is not None and self._sealer is not None
-        assert suite is not None
+        config, session, sealer = self.config, self.session, self._sealer
+        assert isinstance(config, ServerConfig) and session is not None and sealer is not None
         tickets = config._tickets
         secret, self.resumption_secret = self.resumption_secret, b""
         if tickets is None:
@@ -571,30 +568,33 @@ class Connection:
         tickets.count_handshake(session.resumed)
         if not send_ticket:
             return
+        # The handshake derived the resumption secret exactly when it would issue a ticket
+        # (ServerHandshake.issues_ticket, the same test as send_ticket): never a PSK from nothing.
+        assert secret, "a ticket needs the resumption secret"
         nonce = self._entropy(16)
         ticket = tickets.seal(TicketContents(
             psk=ticket_psk(secret, nonce),
             version=session.version,
-            suite=int(suite),
+            suite=int(sealer.suite),
             server_name=session.server_name,
             client_chain=self._peer_der,
         ))
         if ticket is not None:
             message = NewTicket(ticket=ticket, lifetime=max(1, int(tickets.lifetime)), nonce=nonce)
-            self._out.append(self._sealer.seal(FrameType.CONTROL, pack_map(message.encode())))
+            self._out.append(sealer.seal(FrameType.CONTROL, pack_map(message.encode())))
 
     def _on_new_ticket(self, message: NewTicket) -> None:
-        config, session, suite = self.config, self.session, self._suite
+        config, session, sealer = self.config, self.session, self._sealer
         if not isinstance(config, ClientConfig):
             raise UnexpectedMessageError("a client does not send session tickets")
-        if not config.resume or not self.resumption_secret or session is None or suite is None:
+        if not config.resume or not self.resumption_secret or session is None or sealer is None:
             return
         config._session_cache.put(
             self._resume_key,
             ticket=message.ticket,
             psk=ticket_psk(self.resumption_secret, message.nonce),
             version=session.version,
-            suite=int(suite),
+            suite=int(sealer.suite),
             server_chain=session.peer_chain,
             lifetime=message.lifetime,
             server_der=self._peer_der,

@@ -283,24 +283,24 @@ class ClientHandshake:
         return frame
 
     def _verified_chain(self, der: tuple[bytes, ...]) -> list[x509.Certificate]:
-        """The server's chain, parsed and validated (or taken from this config's cache of verified chains)."""
-        cache = self.config._verified_chains
-        chain = cache.get(der, self.server_name)
-        if chain is not None:
-            if self.config._pins:
-                check_pins(chain[0], self.config._pins, "server")
-            return chain
-        chain = parse_chain(der, "server")
-        path = self._verify(chain)
-        if path is not None:
-            cache.put(der, self.server_name, chain, path)
-        return chain
+        """The server's chain, parsed and validated (or taken from this config's cache of verified chains).
 
-    def _verify(self, chain: list[x509.Certificate]) -> list[x509.Certificate] | None:
-        """Check pins and/or the path; return the validated path (None when only pins are configured)."""
+        Pins are checked on every handshake, cached chain or not; the cache only saves path validation.
+        """
         cfg = self.config
+        chain = cfg._verified_chains.get(der, self.server_name)
+        cached = chain is not None
+        if chain is None:
+            chain = parse_chain(der, "server")
         if cfg._pins:
             check_pins(chain[0], cfg._pins, "server")
+        if not cached and (path := self._verify_path(chain)) is not None:
+            cfg._verified_chains.put(der, self.server_name, chain, path)
+        return chain
+
+    def _verify_path(self, chain: list[x509.Certificate]) -> list[x509.Certificate] | None:
+        """Validate the chain against the CA; return the validated path (None when only pins are configured)."""
+        cfg = self.config
         if cfg._store is None:
             return None
         name = self.server_name
@@ -392,7 +392,7 @@ class ServerHandshake:
         self._th1 = b""
 
     @property
-    def _issues_ticket(self) -> bool:
+    def issues_ticket(self) -> bool:
         """This connection will send a session ticket, so it needs its resumption secret."""
         return self.client_accepts_tickets and self.config._tickets is not None
 
@@ -500,7 +500,7 @@ class ServerHandshake:
             unwrapped, ok = substitute, False
         wrap_secret = unwrapped if ok else substitute
         self._th1 = th1 = self._transcript.digest()
-        self._s = handshake_secrets(wrap_secret + self._dhe, th1, resumption=self._issues_ticket)
+        self._s = handshake_secrets(wrap_secret + self._dhe, th1, resumption=self.issues_ticket)
         self._dhe = b""
         self._expect = Finished
         return Step()
@@ -523,7 +523,7 @@ class ServerHandshake:
         sh_frame = handshake_frame(sh)
         self._transcript.add(sh_frame)
         th1 = self._transcript.digest()
-        self._s = handshake_secrets(r.psk + self._dhe, th1, SALT_RESUMPTION, resumption=self._issues_ticket)
+        self._s = handshake_secrets(r.psk + self._dhe, th1, SALT_RESUMPTION, resumption=self.issues_ticket)
         self._dhe = b""
         fin = handshake_frame(Finished(mac=finished_mac(self._s["s finished"], th1)))
         self._transcript.add(fin)

@@ -138,8 +138,9 @@ class ClientHello:
     def with_ticket(self, ticket: bytes, binder: bytes) -> ClientHello:
         """This hello offering ``ticket`` with ``binder`` (dataclasses.replace, without its introspection)."""
         return ClientHello(
-            self.versions, self.random, self.suites, self.key_wraps, self.x25519, self.max_record,
-            self.server_name, self.accept_tickets, ticket, binder,
+            versions=self.versions, random=self.random, suites=self.suites, key_wraps=self.key_wraps,
+            x25519=self.x25519, max_record=self.max_record, server_name=self.server_name,
+            accept_tickets=self.accept_tickets, ticket=ticket, binder=binder,
         )
 
     @classmethod

@@ -50,12 +50,13 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 from cryptography import x509
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import ConfigError, DecodeError
-from .frames import pack_map, unpack_map
+from .frames import unpack_map
 from .keyschedule import expand_label
 from .messages import MAX_TICKET_LEN
 
@@ -130,7 +131,8 @@ class TicketContents:
             m["server_name"] = self.server_name
         if self.client_chain:
             m["client_chain"] = list(self.client_chain)
-        return pack_map(m)
+        # Its own packer, not the shared one: that one's buffer lives on, and this map holds the PSK.
+        return bytes(msgpack.packb(m, use_bin_type=True))
 
     @classmethod
     def decode(cls, data: bytes) -> TicketContents:
