@@ -24,6 +24,7 @@ from tunnelkit import (
 )
 
 import securechan
+from securechan.tunnel import relay as relay_module
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -630,3 +631,53 @@ async def test_eof_towards_a_target_that_reset_is_a_reset(pki_dir, tunnel_log) -
         writer.transport.abort()
     closed = [line.split("closed: ", 1)[1] for line in lines(tunnel_log).splitlines() if "closed: " in line]
     assert closed and closed[0].startswith("target "), f"the relay blamed the wrong side: {closed}"
+
+
+async def test_last_bytes_not_taken_in_the_close_grace_are_logged_as_a_cut(pki_dir, tunnel_log, monkeypatch) -> None:
+    """Both sides ended, but the secure client never reads the end of the reply: when the close grace
+    runs out the relay aborts, and it must say it cut the stream, not that it closed cleanly."""
+    monkeypatch.setattr(relay_module, "CLOSE_GRACE", 0.5)
+    go = asyncio.Event()
+
+    async def reply_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await go.wait()
+        writer.write(os.urandom(16 << 20))
+        writer.write_eof()
+        await reader.read()
+        writer.close()
+
+    async with plain_target(reply_then_close) as port, running(server_spec(pki_dir, f"127.0.0.1:{port}")) as (srv,):
+        reader, writer = await securechan.open_connection("127.0.0.1", srv.port, config=pki_dir.client_config(),
+                                                          server_name="localhost")
+        writer.transport.pause_reading()  # the client reads nothing more
+        await until(lambda: bool(srv.relays))
+        # The tunnel takes the whole reply (and the target's EOF) without pausing the target, so the
+        # relay finishes with megabytes still queued towards the client.
+        next(iter(srv.relays)).client.transport.set_write_buffer_limits(high=64 << 20)
+        go.set()
+        writer.write_eof()
+        await until(lambda: srv.completed == 1, 20)
+        writer.transport.resume_reading()
+        with pytest.raises(ConnectionResetError):
+            while await reader.read(1 << 20):
+                pass
+    assert "then cut before the last bytes were delivered (the last bytes were not taken within 0.5 s)" in lines(
+        tunnel_log)
+
+
+async def test_a_connection_still_connecting_at_shutdown_is_cut_and_logged(pki_dir, tunnel_log) -> None:
+    silent = socket.socket()  # accepts TCP, never answers the handshake
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        spec = client_spec(pki_dir, f"127.0.0.1:{silent.getsockname()[1]}", handshake_timeout=30.0)
+        async with running(spec) as (cli,):
+            reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+            await until(lambda: bool(cli.connecting))
+            assert await cli.cut_open("shutdown deadline (0 s) reached") == 1
+            with pytest.raises(ConnectionResetError):
+                await reader.read()
+            writer.close()
+    finally:
+        silent.close()
+    assert "closed: shutdown deadline (0 s) reached" in lines(tunnel_log)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from securechan.errors import ConfigError
 from securechan.tunnel import TunnelSpec, parse_address, proxyproto
 from securechan.tunnel import config as tomlconfig
+from securechan.tunnel.addresses import numeric_host
 
 
 @pytest.mark.parametrize(("text", "host", "port", "path"), [
@@ -33,6 +36,18 @@ def test_parse_address(text: str, host: str | None, port: int | None, path: str 
 def test_parse_address_errors(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         parse_address(text, "--target")
+
+
+def test_a_resolved_ipv6_address_keeps_its_scope() -> None:
+    # A link-local target ("[fe80::1%eth0]:80") resolves with its interface in the scope id;
+    # the host handed to create_connection must carry it, or connect fails with EINVAL.
+    family, _, _, _, sockaddr = socket.getaddrinfo("fe80::1%1", 80, type=socket.SOCK_STREAM)[0]
+    assert sockaddr[3] == 1
+    host = numeric_host(family, sockaddr)
+    assert host == "fe80::1%1"
+    assert socket.getaddrinfo(host, 80, type=socket.SOCK_STREAM)[0][4] == sockaddr
+    assert numeric_host(socket.AF_INET6, ("::1", 80, 0, 0)) == "::1"
+    assert numeric_host(socket.AF_INET, ("127.0.0.1", 80)) == "127.0.0.1"
 
 
 def test_proxy_v2_ipv4_header_bytes() -> None:

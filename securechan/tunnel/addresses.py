@@ -6,6 +6,7 @@ import asyncio
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -102,7 +103,17 @@ async def _connect_once(
     for family, _, _, _, sockaddr in infos:
         try:
             # One numeric address per attempt, so the error of each stays typed (refused, timeout).
-            return await loop.create_connection(protocol_factory, str(sockaddr[0]), int(sockaddr[1]), family=family)
+            return await loop.create_connection(protocol_factory, numeric_host(family, sockaddr), int(sockaddr[1]),
+                                                family=family)
         except OSError as exc:
             last = exc
     raise last
+
+
+def numeric_host(family: int, sockaddr: tuple[Any, ...]) -> str:
+    """The host of a resolved ``sockaddr`` as text that resolves back to it, IPv6 scope included
+    (``fe80::1%2``: without the scope a link-local address cannot be connected to)."""
+    host = str(sockaddr[0])
+    if family == socket.AF_INET6 and len(sockaddr) > 3 and sockaddr[3] and "%" not in host:
+        host = f"{host}%{sockaddr[3]}"
+    return host

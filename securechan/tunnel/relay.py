@@ -77,7 +77,6 @@ class End(asyncio.Protocol):
         self.bytes_in = 0
         #: Input delivered before the other end existed (at most one read: reading is paused).
         self._early: list[bytes] = []
-        self._peer_full = False  # the other end's write buffer is above its high-water mark
         #: This end's own write buffer is above its high-water mark (kept even before wiring).
         self.write_paused = False
         #: Called once this end's connection exists (the tunnel admits it and starts the other end).
@@ -122,18 +121,15 @@ class End(asyncio.Protocol):
         self.write_paused = True
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer.transport.is_closing():
-            peer._peer_full = True
             peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         relay = self.relay
         relay.last_activity = relay.loop.time()
-        peer = self.peer
-        if peer is not None and peer._peer_full:
-            peer._peer_full = False
-            if peer.transport is not None and not peer.transport.is_closing() and not peer.eof and relay.wired:
-                peer.transport.resume_reading()
+        peer = self.peer  # set only once the relay is wired
+        if peer is not None and peer.transport is not None and not peer.transport.is_closing() and not peer.eof:
+            peer.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -143,6 +139,8 @@ class End(asyncio.Protocol):
 
     def wire(self, peer: End) -> None:
         """Start relaying to ``peer``: hand over what arrived early (``peer`` already points back at us)."""
+        if self.relay.reason is not None:
+            return  # the other end's hand-over stopped the relay (e.g. an EOF towards a reset peer)
         early, self._early = self._early, []
         for data in early:
             peer.transport.write(data)  # type: ignore[union-attr]
@@ -153,8 +151,7 @@ class End(asyncio.Protocol):
         """Read unless our input ended or the other end cannot take more."""
         peer = self.peer
         assert peer is not None
-        self._peer_full = peer.write_paused
-        if self.eof or self._peer_full or self.lost or self.transport is None or self.transport.is_closing():
+        if self.eof or peer.write_paused or self.lost or self.transport is None or self.transport.is_closing():
             return
         self.transport.resume_reading()
 
@@ -209,7 +206,6 @@ class Relay:
         #: Why the relay ended; the first cause wins.
         self.reason: str | None = None
         self.failed = False
-        self.wired = False
         self.first_eof: str | None = None
         self.started = self.loop.time()
         self.last_activity = self.started
@@ -219,6 +215,11 @@ class Relay:
         self._grace: asyncio.TimerHandle | None = None
 
     # -- public -----------------------------------------------------------------------------
+
+    @property
+    def wired(self) -> bool:
+        """Both ends are connected and point at each other (:meth:`start` ran)."""
+        return self.client.peer is not None
 
     @property
     def up(self) -> int:
@@ -234,7 +235,6 @@ class Relay:
         """Both ends are connected: relay what each delivered so far, then everything that follows."""
         if self.reason is not None:
             return  # stopped while connecting
-        self.wired = True
         self.started = self.last_activity = self.loop.time()
         self.client.peer, self.target.peer = self.target, self.client
         self._arm_timer()
@@ -318,8 +318,7 @@ class Relay:
 
     def _grace_over(self) -> None:
         self._grace = None
-        self.client.abort()
-        self.target.abort()
+        self.stop(f"the last bytes were not taken within {CLOSE_GRACE:g} s")
 
     def _settle(self) -> None:
         """Resolve :meth:`wait` once the relay ended and both connections are gone."""

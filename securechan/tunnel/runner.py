@@ -99,7 +99,7 @@ async def serve(
         await asyncio.gather(*(t.wait_drained(drain_timeout) for t in tunnels))
         # Counted for all tunnels before any is cut: cutting one tunnel's relays ends the relays
         # that another tunnel of this process carries for the same connections.
-        still_open = [len(t.relays) for t in tunnels]
+        still_open = [t.open_count for t in tunnels]
         reasons = [t.cut_reason(drain_timeout) for t in tunnels]
         await asyncio.gather(*(t.cut_open(r) for t, r in zip(tunnels, reasons, strict=True)))
         cut = sum(still_open)

@@ -189,9 +189,13 @@ class Tunnel:
         return f"shutdown deadline ({deadline:g} s) reached" if deadline is not None else "shutdown"
 
     async def cut_open(self, reason: str) -> int:
-        """Abort every open connection now (RST / no close_notify); returns how many relays were cut."""
-        cut = len(self.relays)
-        for relay in list(self.relays):
+        """Abort every open connection now (RST / no close_notify); returns how many relays were cut.
+
+        Connections still connecting to their target or still in their handshake are cut too
+        (and logged as cut), not left to finish setting up after the tunnel said it stopped.
+        """
+        cut = self.open_count
+        for relay in list(self.relays | self.connecting):
             relay.stop(reason)
         for proto in list(self._protocols):
             proto.abort()
@@ -203,6 +207,11 @@ class Tunnel:
                 await asyncio.wait(pending)
         self.cut += cut
         return cut
+
+    @property
+    def open_count(self) -> int:
+        """Relays running or still being set up (the two sets never share a relay)."""
+        return len(self.relays) + len(self.connecting)
 
     def hurry(self) -> None:
         """End a running :meth:`drain` now (a second SIGTERM/SIGINT)."""
@@ -309,10 +318,11 @@ class Tunnel:
             return
         except asyncio.CancelledError:
             relay.stop("cancelled")
+            self._log_end(peer, identity, suite, None, relay.reason or "cancelled", started, failed=True)
             raise
         finally:
             self.connecting.discard(relay)
-        if spec.proxy_protocol:
+        if spec.proxy_protocol and relay.reason is None:  # not when cut while connecting
             cn = None
             if cert is not None:
                 from ..acl import common_names
@@ -380,6 +390,7 @@ class Tunnel:
             return
         except BaseException:
             relay.stop("cancelled")
+            self._log_end(peer, "-", "-", None, relay.reason or "cancelled", started, failed=True)
             raise
         session = secure.get_extra_info("securechan")
         cert = secure.get_extra_info("peercert")
