@@ -2,8 +2,8 @@
 
 Two in-memory :class:`securechan.Connection` objects complete a real handshake, then the
 client seals records (``Connection.seal_parts``, what every ``write`` does) and the server
-opens them (``get_buffer``/``buffer_updated``: the buffer and record code the socket path
-uses). The raw ``cryptography`` call on the same sizes (``encrypt_into``/``decrypt_into``
+opens them (``get_buffer`` and ``buffer_updated``, both timed: the buffer and record code the
+socket path uses). The raw ``cryptography`` call on the same sizes (``encrypt_into``/``decrypt_into``
 into a reused buffer, the fastest form it offers) is the limit for this path.
 
 Opening: each record, distinct, is first copied into the receive buffer, as ``recv_into``
@@ -24,7 +24,7 @@ from securechan import Connection
 from securechan.suites import Suite
 
 from .pkiutil import BenchPKI
-from .stats import summary
+from .stats import rotated, summary
 
 
 def connected_pair(pki: BenchPKI, suite: Suite, record_size: int) -> tuple[Connection, Connection]:
@@ -47,19 +47,31 @@ def _run(fn: Callable[[], object], iters: int) -> float:
     return iters / (time.perf_counter() - t0)
 
 
-def _run_timed(arrive: Callable[[], int], handle: Callable[[int], object], iters: int) -> float:
-    """Calls per second of ``handle``; ``arrive`` is not timed.
+def _run_timed(prepare: Callable[[], memoryview] | None, arrive: Callable[[memoryview | None], tuple[Any, ...]],
+               handle: Callable[..., object], iters: int) -> float:
+    """Calls per second of ``prepare`` + ``handle``; ``arrive`` is not timed.
 
-    ``arrive`` places the next record where a socket read would (the kernel's copy, which
-    every receiver pays, plain TCP too) and returns its size; only ``handle`` is timed.
+    ``prepare`` (securechan's ``get_buffer``, None for the raw call) returns where the next record
+    goes; ``arrive`` puts it there (the kernel's copy on a socket, which every receiver pays, plain
+    TCP too) and returns the arguments of ``handle``, which is called with them directly, so
+    neither side pays an extra Python frame.
     """
     clock = time.perf_counter
     spent = 0.0
     for _ in range(iters):
-        n = arrive()
-        t0 = clock()
-        handle(n)
-        spent += clock() - t0
+        if prepare is None:
+            args = arrive(None)
+            t0 = clock()
+            handle(*args)
+            spent += clock() - t0
+        else:
+            t0 = clock()
+            target = prepare()
+            t1 = clock()
+            args = arrive(target)
+            t2 = clock()
+            handle(*args)
+            spent += (t1 - t0) + (clock() - t2)
     return iters / spent
 
 
@@ -69,27 +81,25 @@ def _interleaved(measures: dict[str, Callable[[], float]], runs: int, warmup: in
     names = list(measures)
     out: dict[str, list[float]] = {name: [] for name in names}
     for run in range(warmup + runs):
-        shift = run % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in rotated(names, run):
             value = measures[name]()
             if run >= warmup:
                 out[name].append(value)
     return out
 
 
-def _decrypt_into(decrypt_into: Callable[..., int], nonce: bytes, aad: bytes, rx: memoryview, out: bytearray,
-                  n: int) -> None:
-    decrypt_into(nonce, rx[:n], aad, out)
-
-
-def _arrivals(records: list[bytes], buffer: Callable[[], memoryview]) -> Callable[[], int]:
-    """Copy the next record into ``buffer()``, as ``recv_into`` does; return its size."""
+def _arrivals(records: list[bytes], args: tuple[Any, ...],
+              fixed: memoryview | None = None) -> Callable[[memoryview | None], tuple[Any, ...]]:
+    """Copy the next record into the receive buffer (``fixed``, or the one ``prepare`` gave), as
+    ``recv_into`` does; return ``args``, the arguments that open it (every record has one size)."""
     it = iter(records)
 
-    def arrive() -> int:
+    def arrive(target: memoryview | None) -> tuple[Any, ...]:
         record = next(it)
-        buffer()[: len(record)] = record
-        return len(record)
+        buf = target if target is not None else fixed
+        assert buf is not None
+        buf[: len(record)] = record
+        return args
 
     return arrive
 
@@ -105,27 +115,27 @@ def measure(pki: BenchPKI, suites: list[Suite], sizes: list[int], volume: int, r
             payload = os.urandom(size)
             count = iters * (runs + warmup)
             # The opener needs the records in sequence: a second pair, all records sealed ahead.
-            # Each record is copied into the connection's receive buffer first, as recv_into does
-            # on a socket (not timed), and opened by ``buffer_updated`` (timed), the socket path.
+            # Per record, as on a socket: ``get_buffer`` (timed), the copy into it that recv_into
+            # does (not timed), then ``buffer_updated`` (timed), which opens it.
             sender, server = connected_pair(pki, suite, size)
             server.receive_data(sender.seal(payload))  # the receive buffer grows to its bulk size
-            arrive = _arrivals([sender.seal(payload) for _ in range(count)], lambda s=server: s.get_buffer())  # type: ignore[misc]
+            records = [sender.seal(payload) for _ in range(count)]
+            arrive = _arrivals(records, (len(records[0]),))
             aead: Any = suite.aead(os.urandom(suite.key_len))
             nonce, aad = os.urandom(12), client.seal(b"x")[:7]
             enc_buf, dec_buf = bytearray(size + 16), bytearray(size)
             # The raw call gets the same treatment: each ciphertext, distinct, is copied into a
-            # receive buffer (not timed), then decrypted into a reused buffer (timed).
+            # receive buffer of exactly its size (not timed), then decrypted into a reused buffer (timed).
             rx = memoryview(bytearray(size + 16))
-            raw_arrive = _arrivals([aead.encrypt(nonce, payload, aad) for _ in range(count)], lambda rx=rx: rx)
-            decrypt_into = aead.decrypt_into
+            raw_arrive = _arrivals([aead.encrypt(nonce, payload, aad) for _ in range(count)],
+                                   (nonce, rx, aad, dec_buf), fixed=rx)
             rates = _interleaved({
                 "seal": partial(_run, partial(client.seal_parts, payload), iters),
                 "raw_seal": partial(_run, partial(aead.encrypt_into, nonce, payload, aad, enc_buf), iters),
-                "open": partial(_run_timed, arrive, server.buffer_updated, iters),
-                "raw_open": partial(_run_timed, raw_arrive,
-                                    partial(_decrypt_into, decrypt_into, nonce, aad, rx, dec_buf), iters),
+                "open": partial(_run_timed, server.get_buffer, arrive, server.buffer_updated, iters),
+                "raw_open": partial(_run_timed, None, raw_arrive, aead.decrypt_into, iters),
             }, runs, warmup)
-            del arrive, raw_arrive
+            del arrive, raw_arrive, records
             seal_rates, open_rates, raw_seal, raw_open = (rates[k] for k in ("seal", "open", "raw_seal", "raw_open"))
             per_suite[str(size)] = {
                 "records_sealed_per_s": summary(seal_rates, "records/s"),

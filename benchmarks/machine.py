@@ -38,7 +38,7 @@ def _cpu_flags() -> list[str]:
 def describe() -> dict[str, Any]:
     from cryptography.hazmat.backends.openssl.backend import backend
 
-    versions = {}
+    versions: dict[str, str | None] = {}
     for lib in _LIBS:
         try:
             versions[lib] = importlib.metadata.version(lib)

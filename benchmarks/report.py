@@ -86,8 +86,6 @@ def ratio_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
         if "securechan-resumed" in hs:
             for conc in hs["securechan-resumed"]:
                 rows.append(_row(f"resumed handshakes/s, concurrency {conc}", hs["securechan-resumed"][conc]["rate"],
-                                 "TLS 1.3 full", hs["ssl"][conc]["rate"], None))
-                rows.append(_row(f"resumed handshakes/s, concurrency {conc}", hs["securechan-resumed"][conc]["rate"],
                                  "securechan full", hs["securechan"][conc]["rate"], None))
     t = r.get("tunnel") or {}
     for fig, label, peer, target in (("iperf3", "tunnel iperf3", "stunnel", 1.0),

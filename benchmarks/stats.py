@@ -42,3 +42,12 @@ def fmt_rate(value: float, unit: str) -> str:
 def fmt_summary(s: dict[str, Any]) -> str:
     unit = s["unit"]
     return f"{fmt_rate(s['median'], unit)} [{fmt_rate(s['min'], unit)} … {fmt_rate(s['max'], unit)}]"
+
+
+def rotated(names: list[str], run: int) -> list[str]:
+    """``names`` in the order for round ``run``: each round starts one further along, so a
+    disturbance on the machine, and the position in a round, fall on every contender alike."""
+    if not names:
+        return []
+    shift = run % len(names)
+    return names[shift:] + names[:shift]

@@ -22,7 +22,7 @@ from typing import Any
 
 from .pkiutil import BenchPKI
 from .procs import CLIENT_CPU, ROOT, SERVER_CPU
-from .stats import summary
+from .stats import rotated, summary
 
 
 def free_port() -> int:
@@ -247,7 +247,7 @@ def _interleaved(contenders: dict[str, Any], target: int, pki: BenchPKI, work: P
         names = list(ports)
         for i in range(count):
             progress(i + 1)
-            for name in names[i % len(names):] + names[: i % len(names)] if names else []:
+            for name in rotated(names, i):
                 if name not in ports:
                     continue  # failed in an earlier round
                 try:

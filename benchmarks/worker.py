@@ -14,7 +14,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import securechan
 
 from . import pkiutil
 from .netproto import ClientProtocol, ServerProtocol
-from .stats import percentile
+from .stats import percentile, rotated
 
 Factory = Callable[[], asyncio.BaseProtocol]
 
@@ -48,7 +48,7 @@ def rss_bytes(pid: int | str = "self") -> int:
     raise RuntimeError("VmRSS not found")
 
 
-def run_loop(loop_name: str, main: Callable[[], Awaitable[Any]]) -> Any:
+def run_loop(loop_name: str, main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     if loop_name == "uvloop":
         import uvloop
 
@@ -70,7 +70,6 @@ class Contenders:
         self.ssl_server = pki.ssl_server_context()
         self.ssl_client = pki.ssl_client_context()
         self.resumed = 0
-        self.tickets_before = 0
 
     async def listen(self, kind: str, factory: Factory) -> asyncio.Server:
         loop = asyncio.get_running_loop()
@@ -92,21 +91,22 @@ class Contenders:
         if kind == "securechan":
             return await securechan.create_connection(factory, "127.0.0.1", port, config=self.client_cfg)
         if kind == "securechan-resumed":
-            self.tickets_before = self.resuming_cfg.session_stats.tickets
             transport, proto = await securechan.create_connection(factory, "127.0.0.1", port,
                                                                    config=self.resuming_cfg)
             self.resumed += bool(transport.get_extra_info("securechan").resumed)
             return transport, proto
         raise ValueError(kind)
 
-    async def await_ticket(self, transport: Any) -> None:
-        """The server's ticket follows its Finished: a resuming client keeps the connection until the
-        ticket for its next one arrived (as a real client does: it lives longer than a handshake)."""
+    async def close_after_ticket(self, transport: Any, tickets_before: int) -> None:
+        """The server's ticket follows its Finished: a resuming client keeps the connection until a
+        ticket for a next one arrived (as a real client does: it lives longer than a handshake), then closes.
+        Run beside the measurement, not in it: a handshake is over before its ticket comes."""
         stats = self.resuming_cfg.session_stats
         for _ in range(1000):
-            if stats.tickets != self.tickets_before or transport.is_closing():
-                return
+            if stats.tickets > tickets_before or transport.is_closing():
+                break
             await asyncio.sleep(0.0005)
+        transport.close()
 
 
 # -- server -------------------------------------------------------------------------------
@@ -137,7 +137,7 @@ async def bulk(spec: dict[str, Any], c: Contenders) -> dict[str, Any]:
     out: dict[str, Any] = {k: [] for k in kinds}
     info = {k: _cipher(conns[k]) for k in kinds}
     for run in range(spec["warmup"] + spec["runs"]):
-        for k in kinds:
+        for k in rotated(kinds, run):
             t0 = time.perf_counter()
             if spec["direction"] == "up":
                 await conns[k].upload(n)
@@ -164,7 +164,7 @@ async def latency(spec: dict[str, Any], c: Contenders) -> dict[str, Any]:
         p.start_echo()
     out: dict[str, Any] = {k: {"p50": [], "p99": []} for k in kinds}
     for run in range(spec["warmup"] + spec["runs"]):
-        for k in kinds:
+        for k in rotated(kinds, run):
             samples = []
             proto = conns[k]
             for _ in range(spec["count"]):
@@ -185,7 +185,7 @@ async def many(spec: dict[str, Any], c: Contenders) -> dict[str, Any]:
     conns = {k: [await _open(c, k, ports[k]) for _ in range(streams)] for k in kinds}
     out: dict[str, Any] = {k: [] for k in kinds}
     for run in range(spec["warmup"] + spec["runs"]):
-        for k in kinds:
+        for k in rotated(kinds, run):
             t0 = time.perf_counter()
             await asyncio.gather(*(p.upload(per) for p in conns[k]))
             dt = time.perf_counter() - t0
@@ -238,17 +238,21 @@ async def handshakes(spec: dict[str, Any], c: Contenders) -> dict[str, Any]:
     out: dict[str, Any] = {k: {str(cc): {"rate": [], "p50": [], "p99": []} for cc in spec["concurrency"]}
                            for k in kinds}
 
+    closers: list[asyncio.Task[None]] = []
+
     async def one(k: str, lat: list[float]) -> None:
+        tickets_before = c.resuming_cfg.session_stats.tickets if k == "securechan-resumed" else 0
         t0 = time.perf_counter()
         transport, _ = await c.connect(k, ports[k], asyncio.Protocol)
         lat.append(time.perf_counter() - t0)
         if k == "securechan-resumed":
-            await c.await_ticket(transport)
-        transport.close()
+            closers.append(asyncio.ensure_future(c.close_after_ticket(transport, tickets_before)))
+        else:
+            transport.close()
 
     for conc in spec["concurrency"]:
         for run in range(spec["warmup"] + spec["runs"]):
-            for k in kinds:
+            for k in rotated(kinds, run):
                 lat: list[float] = []
                 left = [count]
 
@@ -260,6 +264,8 @@ async def handshakes(spec: dict[str, Any], c: Contenders) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 await asyncio.gather(*(worker() for _ in range(min(conc, count))))
                 dt = time.perf_counter() - t0
+                await asyncio.gather(*closers)  # resumed connections waiting for their ticket
+                closers.clear()
                 await asyncio.sleep(0.05)  # let the closes finish outside the timed window
                 if run >= spec["warmup"]:
                     o = out[k][str(conc)]
