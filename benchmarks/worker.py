@@ -97,16 +97,17 @@ class Contenders:
             return transport, proto
         raise ValueError(kind)
 
-    async def close_after_ticket(self, transport: Any, tickets_before: int) -> None:
-        """The server's ticket follows its Finished: a resuming client keeps the connection until a
-        ticket for a next one arrived (as a real client does: it lives longer than a handshake), then closes.
-        Run beside the measurement, not in it: a handshake is over before its ticket comes."""
+    async def close_after_tickets(self, transports: list[Any], tickets_before: int) -> None:
+        """The server's ticket follows its Finished: resumed connections stay open until the tickets
+        for as many next ones arrived (as real clients that outlive their handshake would), then close.
+        Called after the timed window: a handshake is over before its ticket comes."""
         stats = self.resuming_cfg.session_stats
-        for _ in range(1000):
-            if stats.tickets > tickets_before or transport.is_closing():
+        for _ in range(2000):
+            if stats.tickets - tickets_before >= len(transports):
                 break
             await asyncio.sleep(0.0005)
-        transport.close()
+        for transport in transports:
+            transport.close()
 
 
 # -- server -------------------------------------------------------------------------------
@@ -238,15 +239,14 @@ async def handshakes(spec: dict[str, Any], c: Contenders) -> dict[str, Any]:
     out: dict[str, Any] = {k: {str(cc): {"rate": [], "p50": [], "p99": []} for cc in spec["concurrency"]}
                            for k in kinds}
 
-    closers: list[asyncio.Task[None]] = []
+    held: list[Any] = []  # resumed connections, open until the run's tickets arrived
 
     async def one(k: str, lat: list[float]) -> None:
-        tickets_before = c.resuming_cfg.session_stats.tickets if k == "securechan-resumed" else 0
         t0 = time.perf_counter()
         transport, _ = await c.connect(k, ports[k], asyncio.Protocol)
         lat.append(time.perf_counter() - t0)
         if k == "securechan-resumed":
-            closers.append(asyncio.ensure_future(c.close_after_ticket(transport, tickets_before)))
+            held.append(transport)
         else:
             transport.close()
 
@@ -261,11 +261,13 @@ async def handshakes(spec: dict[str, Any], c: Contenders) -> dict[str, Any]:
                         left[0] -= 1
                         await one(k, lat)
 
+                tickets_before = c.resuming_cfg.session_stats.tickets if k == "securechan-resumed" else 0
                 t0 = time.perf_counter()
                 await asyncio.gather(*(worker() for _ in range(min(conc, count))))
                 dt = time.perf_counter() - t0
-                await asyncio.gather(*closers)  # resumed connections waiting for their ticket
-                closers.clear()
+                if held:
+                    await c.close_after_tickets(held, tickets_before)
+                    held.clear()
                 await asyncio.sleep(0.05)  # let the closes finish outside the timed window
                 if run >= spec["warmup"]:
                     o = out[k][str(conc)]
