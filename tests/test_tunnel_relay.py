@@ -20,6 +20,7 @@ from tunnelkit import (
     plain_target,
     running,
     server_spec,
+    silent_target,
     until,
 )
 
@@ -582,11 +583,8 @@ async def test_records_arriving_with_the_clients_finished_reach_the_target(pki_d
 async def test_a_client_is_not_read_while_its_tunnel_connects(pki_dir) -> None:
     """Until the securechan connection exists, the client tunnel holds at most one read of the plain client,
     however much it sends (uvloop starts reading right after connection_made, so the pause must follow it)."""
-    silent = socket.socket()  # the target accepts TCP and never answers the handshake
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(16)
-    try:
-        spec = client_spec(pki_dir, f"127.0.0.1:{silent.getsockname()[1]}", handshake_timeout=3.0)
+    with silent_target() as port:
+        spec = client_spec(pki_dir, f"127.0.0.1:{port}", handshake_timeout=3.0)
         async with running(spec) as (cli,):
             reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
             chunk = os.urandom(1 << 20)
@@ -600,8 +598,6 @@ async def test_a_client_is_not_read_while_its_tunnel_connects(pki_dir) -> None:
                 peak = max([peak, *(r.held_bytes() for r in cli.connecting)])
             assert cli.connecting, "the connection was not waiting for its handshake"
             writer.transport.abort()
-    finally:
-        silent.close()
     assert peak <= 1 << 20, f"the client tunnel held {peak} bytes of a connection still in its handshake"
 
 
@@ -666,11 +662,8 @@ async def test_last_bytes_not_taken_in_the_close_grace_are_logged_as_a_cut(pki_d
 
 
 async def test_a_connection_still_connecting_at_shutdown_is_cut_and_logged(pki_dir, tunnel_log) -> None:
-    silent = socket.socket()  # accepts TCP, never answers the handshake
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(16)
-    try:
-        spec = client_spec(pki_dir, f"127.0.0.1:{silent.getsockname()[1]}", handshake_timeout=30.0)
+    with silent_target() as port:
+        spec = client_spec(pki_dir, f"127.0.0.1:{port}", handshake_timeout=30.0)
         async with running(spec) as (cli,):
             reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
             await until(lambda: bool(cli.connecting))
@@ -678,6 +671,4 @@ async def test_a_connection_still_connecting_at_shutdown_is_cut_and_logged(pki_d
             with pytest.raises(ConnectionResetError):
                 await reader.read()
             writer.close()
-    finally:
-        silent.close()
     assert "closed: shutdown deadline (0 s) reached" in lines(tunnel_log)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from securechan.tunnel import Tunnel, TunnelSpec, parse_address
@@ -46,6 +46,18 @@ async def plain_target(handler: Handler) -> AsyncIterator[int]:
         yield server.sockets[0].getsockname()[1]
     finally:
         server.close()
+
+
+@contextlib.contextmanager
+def silent_target() -> Iterator[int]:
+    """A port that accepts TCP and never answers (a securechan handshake towards it never completes)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        yield silent.getsockname()[1]
+    finally:
+        silent.close()
 
 
 def server_spec(pki: Any, target: str, **kw: Any) -> TunnelSpec:
