@@ -21,7 +21,7 @@ import securechan
 from securechan.frames import DEFAULT_RECORD_SIZE
 from securechan.suites import Suite
 
-from . import cipher, machine, pkiutil, procs, report, tunnel
+from . import cipher, machine, pkiutil, procs, report, tunnel, worker
 from .stats import summary
 
 SECTIONS = ("cipher", "bulk", "record_size", "latency", "many", "memory", "handshakes", "tunnel")
@@ -44,6 +44,8 @@ class Plan:
     idle_connections: int
     handshake_count: int
     concurrency: tuple[int, ...]
+    #: at n concurrent clients a run makes at least this many handshakes per client
+    handshakes_per_client: int
     loops: tuple[str, ...] = ("asyncio", "uvloop")
 
 
@@ -51,15 +53,17 @@ FULL = Plan(name="full", runs=5, warmup=1, cipher_sizes=(KiB, 4 * KiB, 16 * KiB,
             cipher_suites=tuple(Suite), cipher_volume=64 * MiB, bulk_bytes=256 * MiB,
             record_sizes=(16 * KiB, 32 * KiB, 64 * KiB, 128 * KiB, 256 * KiB, MiB), latency_count=2000,
             many_bytes=256 * MiB, streams=64, idle_connections=1000, handshake_count=300,
-            concurrency=(1, 4, 8, 16, 32))
+            concurrency=(1, 4, 8, 16, 32), handshakes_per_client=25)
 QUICK = Plan(name="quick", runs=3, warmup=1, cipher_sizes=(KiB, 16 * KiB, 64 * KiB, 256 * KiB, MiB),
              cipher_suites=(Suite.AES_256_GCM,), cipher_volume=32 * MiB, bulk_bytes=64 * MiB,
              record_sizes=(16 * KiB, 64 * KiB, 256 * KiB), latency_count=500, many_bytes=64 * MiB, streams=64,
-             idle_connections=1000, handshake_count=100, concurrency=(1, 32))
+             idle_connections=1000, handshake_count=100, concurrency=(1, 32),
+             handshakes_per_client=25)
 #: For the smoke test: every code path, tiny sizes, meaningless numbers.
 TINY = Plan(name="tiny", runs=1, warmup=1, cipher_sizes=(KiB, 64 * KiB), cipher_suites=(Suite.AES_256_GCM,),
             cipher_volume=256 * KiB, bulk_bytes=512 * KiB, record_sizes=(16 * KiB, 64 * KiB), latency_count=10,
-            many_bytes=512 * KiB, streams=4, idle_connections=20, handshake_count=4, concurrency=(1, 2))
+            many_bytes=512 * KiB, streams=4, idle_connections=20, handshake_count=4, concurrency=(1, 2),
+            handshakes_per_client=3)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -166,15 +170,18 @@ class Runner:
         self.note("handshakes (uvloop)")
         with procs.server(self.base(loop="uvloop", kinds=["ssl", "securechan"])) as srv:
             got = procs.client(self.base(task="handshakes", loop="uvloop", kinds=kinds, ports=srv["ports"],
-                                         count=self.plan.handshake_count, concurrency=list(self.plan.concurrency)))
+                                         count=self.plan.handshake_count, concurrency=list(self.plan.concurrency),
+                                         per_client=self.plan.handshakes_per_client))
         self.step()
-        out: dict[str, Any] = {"count_per_run": self.plan.handshake_count}
+        counts = {c: worker.handshake_count(self.plan.handshake_count, self.plan.handshakes_per_client, c)
+                  for c in self.plan.concurrency}
+        out: dict[str, Any] = {"count_per_run": {str(c): n for c, n in counts.items()}}
         resumed_count = got.pop("resumed_count", None)
         for k, per in got.items():
             out[k] = {c: {"rate": summary(v["rate"], "handshakes/s"), "p50": summary(v["p50"], "s"),
                           "p99": summary(v["p99"], "s")} for c, v in per.items()}
         if resumption:
-            attempted = self.plan.handshake_count * (self.plan.runs + self.plan.warmup) * len(self.plan.concurrency)
+            attempted = sum(counts.values()) * (self.plan.runs + self.plan.warmup)
             out["resumed"] = {"note": f"{resumed_count} of {attempted} 'securechan-resumed' handshakes resumed; "
                                       "TLS resumption is not measured (asyncio cannot pass an SSLSession)"}
         else:

@@ -51,6 +51,8 @@ def test_channel_sections_and_outputs(tmp_path: Path) -> None:
     assert set(r["record_size"]) == {"16384", "65536"}
     assert _is_summary(r["many"]["uvloop"]["securechan"])
     assert _is_summary(r["handshakes"]["securechan"]["2"]["rate"])
+    # At 2 clients each makes handshakes_per_client (3 in the tiny plan): 6, more than the 4 run sequentially.
+    assert r["handshakes"]["count_per_run"] == {"1": 4, "2": 6}
     if "securechan-resumed" in r["handshakes"]:
         assert _is_summary(r["handshakes"]["securechan-resumed"]["2"]["rate"])
     figures = {row["figure"] for row in r["ratios"]}
@@ -98,3 +100,27 @@ def test_handshake_profile_runs(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "per full handshake, both sides, in memory (5 handshakes)" in done.stdout
     assert "decrypt" in done.stdout  # the profile lists the RSA unwrap among the top functions
+
+
+def test_server_cpu_runs(tmp_path: Path) -> None:
+    out = tmp_path / "cpu.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.server_cpu", "--count", "3", "--clients", "2", "--runs", "1",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=180, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    # Four flights of a real handshake (ClientHello, the server's flight, KeyExchange + Finished, Finished).
+    assert len(figures["sizes"]) == 4 and all(n > 0 for n in figures["sizes"])
+    assert set(figures["results"]) == {"tcp", "floor", "tls", "securechan"}
+    for kind in figures["results"].values():
+        assert _is_summary(kind["server_cpu_per_handshake"]) and _is_summary(kind["rate"])
+    assert "ms per handshake above the floor" in done.stdout
+
+
+def test_server_cpu_refuses_an_unknown_kind() -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.server_cpu", "--kinds", "tls,quic"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode != 0
+    assert "unknown kind(s) quic" in done.stderr
