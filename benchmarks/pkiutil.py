@@ -33,6 +33,10 @@ class BenchPKI:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_3
         ctx.load_cert_chain(self.cert, self.key)
+        # No session tickets: TLS resumption is not measured (asyncio cannot pass an SSLSession),
+        # and securechan's server issues none to the full-handshake client (resume=False), so
+        # neither server pays for tickets in a full handshake (OpenSSL sends two by default).
+        ctx.num_tickets = 0
         return ctx
 
     def ssl_client_context(self) -> ssl.SSLContext:

@@ -111,12 +111,18 @@ def test_server_cpu_runs(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(out.read_text())
-    # Four flights of a real handshake (ClientHello, the server's flight, KeyExchange + Finished, Finished).
-    assert len(figures["sizes"]) == 4 and all(n > 0 for n in figures["sizes"])
+    # The flights of a real handshake (ClientHello, the server's flight with its certificate,
+    # KeyExchange + Finished, Finished) and the two close_notify records.
+    hello, flight, key_exchange, finished, close, close_reply = figures["sizes"]
+    assert flight > 600 > hello  # an RSA-2048 certificate alone is over 600 bytes of DER
+    assert key_exchange > 256 > finished  # the RSA-2048 wrapped key, then a 32-byte MAC in a frame
+    assert close == close_reply < finished
     assert set(figures["results"]) == {"tcp", "floor", "tls", "securechan"}
     for kind in figures["results"].values():
         assert _is_summary(kind["server_cpu_per_handshake"]) and _is_summary(kind["rate"])
-    assert "ms per handshake above the floor" in done.stdout
+    assert "securechan minus floor, round by round:" in done.stdout
+    for kind in figures["results"].values():
+        assert _is_summary(kind["busy"])
 
 
 def test_server_cpu_refuses_an_unknown_kind() -> None:
