@@ -44,7 +44,7 @@ class Plan:
     idle_connections: int
     handshake_count: int
     concurrency: tuple[int, ...]
-    #: at n concurrent clients a run makes at least this many handshakes per client
+    #: at n concurrent clients a run makes at least this many times n handshakes, shared by the clients
     handshakes_per_client: int
     loops: tuple[str, ...] = ("asyncio", "uvloop")
 

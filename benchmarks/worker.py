@@ -230,7 +230,8 @@ async def memory(spec: dict[str, Any], c: Contenders) -> dict[str, Any]:
 
 
 def handshake_count(count: int, per_client: int, concurrency: int) -> int:
-    """Handshakes per run at ``concurrency`` clients: ``count``, or ``per_client`` for each client if more."""
+    """Handshakes per run at ``concurrency`` clients (shared by them): ``count``, or ``per_client`` times
+    ``concurrency`` if that is more."""
     return max(count, per_client * concurrency)
 
 
@@ -256,8 +257,8 @@ async def handshakes(spec: dict[str, Any], c: Contenders) -> dict[str, Any]:
             transport.close()
 
     for conc in spec["concurrency"]:
-        # Every client makes several handshakes per run, so the figure for n clients is taken with n
-        # clients busy, not mostly from their start and their tail (where fewer are left).
+        # The clients make several handshakes each per run (on average), so the figure for n clients is
+        # taken with n clients busy, not mostly from their start and their tail (where fewer are left).
         n = handshake_count(count, spec.get("per_client", 1), conc)
         for run in range(spec["warmup"] + spec["runs"]):
             for k in rotated(kinds, run):
