@@ -52,6 +52,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 import securechan
+from securechan.frames import HEADER_LEN, TAG_LEN
+from securechan.keyschedule import HANDSHAKE_LABELS, HASH_LEN, SALT_V1, hkdf_label
+from securechan.suites import NONCE_LEN, Suite
 
 from . import pkiutil
 from .stats import rotated, summary
@@ -59,9 +62,12 @@ from .worker import Contenders, pin, raise_fd_limit, run_loop
 
 KINDS = ["tcp", "floor", "tls", "securechan"]
 _SHA256 = hashes.SHA256()
-#: HkdfLabel-like infos of the five handshake secrets a server without tickets derives (docs/PROTOCOL.md).
-_LABELS = tuple(b"\x00\x20" + bytes([4 + len(x)]) + b"sc1 " + x + b"\x20"
-                for x in (b"c finished", b"s finished", b"c ap traffic", b"s ap traffic", b"exporter"))
+#: The HKDF infos a server without tickets expands, from the key schedule's own encoding: the five
+#: handshake secrets (up to their th1 context, appended per handshake), then the traffic key and iv.
+_LABELS = tuple(hkdf_label(label.encode(), bytes(HASH_LEN), HASH_LEN)[:-HASH_LEN]
+                for label in HANDSHAKE_LABELS if label != "resumption")
+_KEY_INFO = hkdf_label(b"key", b"", Suite.AES_256_GCM.key_len)
+_IV_INFO = hkdf_label(b"iv", b"", NONCE_LEN)
 _OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 
 
@@ -86,7 +92,7 @@ def flight_sizes(pki: pkiutil.BenchPKI) -> list[int]:
     return [*sizes, len(close), len(server.data_to_send())]
 
 
-def _expand(secret: bytes, info: bytes, length: int = 32) -> bytes:
+def _expand(secret: bytes, info: bytes, length: int = HASH_LEN) -> bytes:
     return HKDFExpand(_SHA256, length, info).derive(secret)
 
 
@@ -94,8 +100,8 @@ class _Record:
     """A close_notify-sized record any floor server can open: the cost of opening the client's close."""
 
     def __init__(self, size: int) -> None:
-        self.aead, self.nonce, self.aad = AESGCM(os.urandom(32)), os.urandom(12), os.urandom(7)
-        self.sealed = self.aead.encrypt(self.nonce, os.urandom(size - 7 - 16), self.aad)
+        self.aead, self.nonce, self.aad = AESGCM(os.urandom(32)), os.urandom(NONCE_LEN), os.urandom(HEADER_LEN)
+        self.sealed = self.aead.encrypt(self.nonce, os.urandom(size - HEADER_LEN - TAG_LEN), self.aad)
 
 
 class FloorServer(asyncio.Protocol):
@@ -131,21 +137,21 @@ class FloorServer(asyncio.Protocol):
             os.urandom(32)
             wrapped = self.key.decrypt(self.wrapped, _OAEP)
             th1 = self.transcript.copy().digest()
-            secret = HKDF.extract(_SHA256, b"securechan v1", wrapped + self.dhe)
+            secret = HKDF.extract(_SHA256, SALT_V1, wrapped + self.dhe)
             c_fin, s_fin, c_ap, s_ap, _ = (_expand(secret, label + th1) for label in _LABELS)
             hmac.compare_digest(hmac.digest(c_fin, th1, "sha256"), bytes(32))
             th2 = self.transcript.copy().digest()
             reply = bytearray(self.reply)
             reply[-32:] = hmac.digest(s_fin, th2, "sha256")
-            self.keys = (AESGCM(_expand(c_ap, b"key")), AESGCM(_expand(s_ap, b"key")))
-            _expand(c_ap, b"iv", 12)
-            _expand(s_ap, b"iv", 12)
+            self.keys = (AESGCM(_expand(c_ap, _KEY_INFO)), AESGCM(_expand(s_ap, _KEY_INFO)))
+            _expand(c_ap, _IV_INFO, NONCE_LEN)
+            _expand(s_ap, _IV_INFO, NONCE_LEN)
             self.transport.write(bytes(reply))
         if before < done + self.close <= self.got:  # close_notify: open the client's, seal and send ours
             r = self.record
             r.aead.decrypt(r.nonce, r.sealed, r.aad)
             assert self.keys is not None
-            sealed = self.keys[1].encrypt(r.nonce, bytes(self.close_reply - 7 - 16), r.aad)
+            sealed = self.keys[1].encrypt(r.nonce, bytes(self.close_reply - HEADER_LEN - TAG_LEN), r.aad)
             self.transport.write(r.aad + sealed)
             self.transport.close()
 
