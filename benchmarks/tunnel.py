@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .pkiutil import BenchPKI
 from .procs import CLIENT_CPU, ROOT, SERVER_CPU
@@ -114,13 +114,35 @@ def missing_programs(*names: str) -> list[str]:
 # -- contenders: each yields the client-side port that reaches ``target`` ----------------
 
 
-@contextlib.contextmanager
-def direct(target: int, pki: BenchPKI, work: Path) -> Iterator[int]:
-    yield target
+class Front(NamedTuple):
+    """Where a contender takes connections, and the pids of its two ends (none for ``direct``)."""
+
+    port: int
+    ends: dict[str, int]
 
 
 @contextlib.contextmanager
-def stunnel(target: int, pki: BenchPKI, work: Path) -> Iterator[int]:
+def pair(work: Path, server_argv: list[str], client_argv: list[str], mid: int, front: int,
+         cwd: Path | None = None) -> Iterator[Front]:
+    """Run a tunnel's server end (pinned to the server core) and client end (client core)."""
+    procs = Procs(work)
+    try:
+        server = procs.start(server_argv, SERVER_CPU, cwd=cwd)
+        client = procs.start(client_argv, CLIENT_CPU, cwd=cwd)
+        wait_port(mid)
+        wait_port(front)
+        yield Front(front, {"client": client.pid, "server": server.pid})
+    finally:
+        procs.stop()
+
+
+@contextlib.contextmanager
+def direct(target: int, pki: BenchPKI, work: Path) -> Iterator[Front]:
+    yield Front(target, {})
+
+
+@contextlib.contextmanager
+def stunnel(target: int, pki: BenchPKI, work: Path) -> Iterator[Front]:
     exe = shutil.which("stunnel4") or shutil.which("stunnel")
     assert exe is not None
     mid, front = free_port(), free_port()
@@ -132,53 +154,34 @@ def stunnel(target: int, pki: BenchPKI, work: Path) -> Iterator[int]:
     client_conf.write_text(
         common + f"client = yes\n[cli]\naccept = 127.0.0.1:{front}\nconnect = 127.0.0.1:{mid}\n"
         f"CAfile = {pki.ca}\nverifyChain = yes\ncheckIP = 127.0.0.1\n")
-    procs = Procs(work)
-    try:
-        procs.start([exe, str(server_conf)], SERVER_CPU)
-        procs.start([exe, str(client_conf)], CLIENT_CPU)
-        wait_port(mid)
-        wait_port(front)
-        yield front
-    finally:
-        procs.stop()
+    with pair(work, [exe, str(server_conf)], [exe, str(client_conf)], mid, front) as ends:
+        yield ends
 
 
 @contextlib.contextmanager
-def spiped(target: int, pki: BenchPKI, work: Path) -> Iterator[int]:
+def spiped(target: int, pki: BenchPKI, work: Path) -> Iterator[Front]:
     key = work / f"spiped-{target}.key"
     key.write_bytes(os.urandom(32))
     os.chmod(key, 0o600)
     mid, front = free_port(), free_port()
-    procs = Procs(work)
-    try:
-        procs.start(["spiped", "-d", "-F", "-n", "0", "-s", f"[127.0.0.1]:{mid}", "-t", f"[127.0.0.1]:{target}",
-                     "-k", str(key)], SERVER_CPU)
-        procs.start(["spiped", "-e", "-F", "-n", "0", "-s", f"[127.0.0.1]:{front}", "-t", f"[127.0.0.1]:{mid}",
-                     "-k", str(key)], CLIENT_CPU)
-        wait_port(mid)
-        wait_port(front)
-        yield front
-    finally:
-        procs.stop()
+    with pair(work,
+              ["spiped", "-d", "-F", "-n", "0", "-s", f"[127.0.0.1]:{mid}", "-t", f"[127.0.0.1]:{target}",
+               "-k", str(key)],
+              ["spiped", "-e", "-F", "-n", "0", "-s", f"[127.0.0.1]:{front}", "-t", f"[127.0.0.1]:{mid}",
+               "-k", str(key)], mid, front) as ends:
+        yield ends
 
 
 @contextlib.contextmanager
-def securechan_tunnel(target: int, pki: BenchPKI, work: Path) -> Iterator[int]:
+def securechan_tunnel(target: int, pki: BenchPKI, work: Path) -> Iterator[Front]:
     mid, front = free_port(), free_port()
     sc = [sys.executable, "-m", "securechan"]
-    procs = Procs(work)
-    try:
-        server_argv = [*sc, "server", "--listen", f"127.0.0.1:{mid}", "--target", f"127.0.0.1:{target}",
-                       "--cert", str(pki.cert), "--key", str(pki.key)]
-        client_argv = [*sc, "client", "--listen", f"127.0.0.1:{front}", "--target", f"127.0.0.1:{mid}",
-                       "--cafile", str(pki.ca), "--server-name", "127.0.0.1"]
-        procs.start(server_argv, SERVER_CPU, cwd=ROOT)
-        procs.start(client_argv, CLIENT_CPU, cwd=ROOT)
-        wait_port(mid)
-        wait_port(front)
-        yield front
-    finally:
-        procs.stop()
+    server_argv = [*sc, "server", "--listen", f"127.0.0.1:{mid}", "--target", f"127.0.0.1:{target}",
+                   "--cert", str(pki.cert), "--key", str(pki.key)]
+    client_argv = [*sc, "client", "--listen", f"127.0.0.1:{front}", "--target", f"127.0.0.1:{mid}",
+                   "--cafile", str(pki.ca), "--server-name", "127.0.0.1"]
+    with pair(work, server_argv, client_argv, mid, front, cwd=ROOT) as ends:
+        yield ends
 
 
 CONTENDERS = {"direct": direct, "stunnel": stunnel, "spiped": spiped, "securechan": securechan_tunnel}
@@ -241,7 +244,7 @@ def _interleaved(contenders: dict[str, Any], target: int, pki: BenchPKI, work: P
         ports: dict[str, int] = {}
         for name, ctx in contenders.items():
             try:
-                ports[name] = stack.enter_context(ctx(target, pki, work))
+                ports[name] = stack.enter_context(ctx(target, pki, work)).port
             except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                 notes[name] = f"failed to start: {exc}"
         names = list(ports)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,51 @@ def test_server_cpu_refuses_an_unknown_kind() -> None:
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode != 0
     assert "unknown kind(s) quic" in done.stderr
+
+
+@pytest.mark.skipif(any(shutil.which(p) is None for p in ("redis-server", "redis-benchmark")),
+                    reason="redis-server and redis-benchmark are needed (make bench-peers)")
+def test_tunnel_cpu_runs(tmp_path: Path) -> None:
+    out = tmp_path / "tunnel-cpu.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.tunnel_cpu", "--requests", "300", "--new-requests", "60", "--runs", "1",
+         "--contenders", "securechan,relay,aead-relay", "--json", str(out)],
+        capture_output=True, text=True, timeout=180, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert set(figures["results"]) == {"ping", "new"}
+    for per_name in figures["results"].values():
+        assert set(per_name) == {"securechan", "relay", "aead-relay"}
+        for kind in per_name.values():
+            assert _is_summary(kind["rate"])
+            # CPU is read in clock ticks: a tiny window may round to zero, never below it.
+            assert all(kind[f"{end}_{what}"]["min"] >= 0 for end in ("client", "server") for what in ("user", "sys"))
+    assert "securechan minus aead-relay, user CPU per request and end, round by round:" in done.stdout
+
+
+def test_tunnel_cpu_refuses_an_unknown_contender() -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.tunnel_cpu", "--contenders", "spiped,ghostunnel"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode != 0
+    assert "unknown contender(s) ghostunnel" in done.stderr
+
+
+def test_relay_floor_records_round_trip_and_reject_tampering() -> None:
+    from cryptography.exceptions import InvalidTag
+
+    from benchmarks import relay_floor
+
+    key = os.urandom(32)
+    seal, open_ = relay_floor._Seal(key), relay_floor._Open(key)
+    big = os.urandom(relay_floor.MAX_PLAIN + 10)  # two records
+    wire = b"".join(seal(b"ping") + seal(big))
+    # Fed a byte at a time and then the rest: nothing comes out before a record is whole.
+    assert open_(wire[:1]) == [] and open_(wire[1:3]) == []
+    assert open_(wire[3:]) == [b"ping", big[: relay_floor.MAX_PLAIN], big[relay_floor.MAX_PLAIN :]]
+    tampered = bytearray(b"".join(seal(b"pong")))
+    tampered[-1] ^= 1
+    with pytest.raises(InvalidTag):
+        open_(bytes(tampered))
+    with pytest.raises(ValueError, match="out of range"):
+        relay_floor._Open(key)((relay_floor.MAX_PLAIN + relay_floor.TAG + 1).to_bytes(4, "big"))
