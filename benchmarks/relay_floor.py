@@ -1,4 +1,4 @@
-"""The least a tunnel end written in Python on uvloop can do: a measurement floor, not a transport.
+"""A minimal tunnel end in Python on uvloop: a measurement floor, not a transport.
 
     python -m benchmarks.relay_floor --listen PORT --target PORT --mode plain|seal|open [--key FILE]
 
@@ -7,11 +7,12 @@ bytes in on ``--listen``, records out to ``--target``; ``open`` is the matching 
 A record is a 4-byte big-endian length, then AES-256-GCM ciphertext and tag, with the
 length as associated data and a per-direction counter as the nonce; the two directions'
 keys are the 64 bytes of ``--key``. There is no handshake, no key schedule, no alert, no
-close_notify and no limit besides the record size: it has only the per-message work every
-AEAD tunnel has (one AEAD call and one write per message, a frame parse per read), with as
-little Python around it as possible. ``benchmarks.tunnel_cpu`` runs it beside securechan,
-spiped and stunnel to show what of a tunnel's CPU per request is the language and the loop
-and what is the tunnel.
+close_notify and no limit besides the record size, and an EOF closes both sockets (no
+half-close). It has only the per-message work every AEAD tunnel has (one AEAD call and one
+write per message, a frame parse per read), written plainly (a ``Protocol``, records
+copied out of a ``bytearray``) rather than tuned to the last call: a floor in the sense
+of "this much is the language and the loop", not a proven minimum. ``benchmarks.tunnel_cpu``
+runs it beside securechan, spiped and stunnel.
 
 It listens and connects on 127.0.0.1 only.
 """
@@ -90,14 +91,16 @@ class _End(asyncio.Protocol):
         self.peer: _End | None = None
         self.early: list[bytes] = []
         self.eof = False
+        #: its peer may write to it: the target end once connected and the early bytes replayed
+        self.ready = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         peer = self.peer
-        if peer is None or peer.transport is None:
-            self.early.append(data)
+        if peer is None or not peer.ready or peer.transport is None:
+            self.early.append(data)  # in order: replayed before anything read later
             return
         try:
             parts = self.convert(data)
@@ -148,6 +151,7 @@ async def serve(listen: int, target: int, mode: str, key: bytes) -> None:
         to_target, to_client = _converters(mode, key)
         inbound, outbound = _End(to_target), _End(to_client)
         inbound.peer, outbound.peer = outbound, inbound
+        inbound.ready = True
 
         async def connect() -> None:
             try:
@@ -156,6 +160,7 @@ async def serve(listen: int, target: int, mode: str, key: bytes) -> None:
                 if inbound.transport is not None:
                     inbound.transport.abort()
                 return
+            outbound.ready = True
             early, inbound.early = inbound.early, []
             for data in early:
                 inbound.data_received(data)

@@ -17,7 +17,8 @@ tunnel but the relaying:
 
 * ``relay``: bytes relayed as they come (what Python and the loop cost per request);
 * ``aead-relay``: the same with AES-256-GCM records (one AEAD call and one write per
-  message, a frame parse per read), and no handshake, key schedule, alerts or close_notify.
+  message, a frame parse per read), and no handshake, key schedule, alerts or close_notify:
+  a plainly written relay, not a proven minimum.
 
 Linux only (it reads ``/proc``).
 """
@@ -105,7 +106,12 @@ def measure(args: argparse.Namespace, work: Path, progress: Callable[[str], None
                         "--appendonly", "no", "--protected-mode", "no", "--maxclients", "10000"], SERVER_CPU)
         wait_port(redis)
         with contextlib.ExitStack() as stack:
-            fronts = {name: stack.enter_context(ctx(redis, pki, work)) for name, ctx in contexts.items()}
+            fronts = {}
+            for name, ctx in contexts.items():
+                try:
+                    fronts[name] = stack.enter_context(ctx(redis, pki, work))
+                except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                    raise SystemExit(f"{name} did not start: {exc}") from None
             names = list(fronts)
             for i in range(1 + args.runs):
                 for load in LOADS:
@@ -114,7 +120,7 @@ def measure(args: argparse.Namespace, work: Path, progress: Callable[[str], None
                         try:
                             figures = _one(fronts[name], load, args)
                         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                            raise SystemExit(f"{name}, {load} load: {exc} (its logs are in {work})") from None
+                            raise SystemExit(f"{name}, {load} load: {exc}") from None
                         if i > 0:
                             for key, value in figures.items():
                                 values[load].setdefault(name, {}).setdefault(key, []).append(value)
