@@ -123,15 +123,19 @@ _NEXT_HANDSHAKE_STATE = {
 
 
 #: Zeros to overwrite a small receive buffer from, without allocating a fresh zeroed object each time.
-_ZEROS = bytes(_SMALL_BUFFER)
+_ZEROS = memoryview(bytes(_SMALL_BUFFER))
 
 
 def _zero(buf: bytearray | mmap.mmap, start: int, end: int) -> None:
-    """Overwrite ``buf[start:end]`` with zeros."""
+    """Overwrite ``buf[start:end]`` with zeros, in place.
+
+    Through a view of ``buf``: a bytearray's own slice assignment would first copy a
+    non-bytearray source into a temporary bytearray.
+    """
     n = end - start
     if n <= 0:
         return
-    buf[start:end] = memoryview(_ZEROS)[:n] if n <= _SMALL_BUFFER else bytes(n)
+    memoryview(buf)[start:end] = _ZEROS[:n] if n <= _SMALL_BUFFER else bytes(n)
 
 
 def _exporter_of(secret: bytearray) -> Callable[[bytes, bytes, int], bytes]:
@@ -337,8 +341,8 @@ class Connection:
         if self.state is not State.CLOSED:
             self.state = State.FAILED
         self._recv_limits = {}
+        self._start = self._end = 0  # nothing is left to read: _wipe overwrites the whole buffer
         self._wipe()
-        _zero(self._buf, 0, len(self._buf))
 
     def abort(self, error: SecureChannelError) -> None:
         """Fail the connection from outside (e.g. a timeout): queue the alert for ``error``."""

@@ -211,6 +211,28 @@ def test_discard_overwrites_the_receive_buffer(pki_dir) -> None:
     assert not any(server._exporter_secret)
 
 
+def test_discard_overwrites_an_unread_frame_tail_too(pki_dir) -> None:
+    client, server = connected_pair(pki_dir.client_config(), pki_dir.server_config())
+    client.send_data(b"t" * 3000)
+    record = client.data_to_send()
+    assert server.receive_data(record[:1000]) == []  # a partial record waits in the buffer
+    assert server._start < server._end and any(server._buf)
+    server.discard()
+    assert not any(server._buf)
+
+
+def test_discard_overwrites_a_grown_receive_buffer(pki_dir) -> None:
+    client, server = connected_pair(pki_dir.client_config(), pki_dir.server_config())
+    client.send_data(b"g" * 100_000)
+    wire = client.data_to_send()
+    server.receive_data(wire[:-10])  # the last record stays incomplete in the buffer
+    assert server._end > server._start
+    assert server.holds_large_buffer  # a record above the small buffer grew it (an anonymous mapping)
+    size = len(server._buf)
+    server.discard()
+    assert server._buf[:] == bytes(size)
+
+
 # -- versions -----------------------------------------------------------------------------------
 
 

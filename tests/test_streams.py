@@ -167,6 +167,9 @@ async def test_extra_info_and_exporter(serve, server_config, client_config) -> N
     peercert = writer.get_extra_info("peercert")
     assert peercert is not None and "localhost" in peercert.subject.rfc4514_string()
     assert writer.get_extra_info("peername")[0] == "127.0.0.1"
+    # Read once at connect time, and the same as the socket's own answer.
+    assert writer.get_extra_info("peername") == writer.get_extra_info("socket").getpeername() == ("127.0.0.1", port)
+    assert writer.get_extra_info("sockname") == writer.get_extra_info("socket").getsockname()
     assert writer.get_extra_info("cipher")[0] == "AES-256-GCM"
     ours = info.export_keying_material(b"test label", b"ctx", 32)
     assert await reader.readexactly(32) == ours

@@ -672,3 +672,36 @@ async def test_a_connection_still_connecting_at_shutdown_is_cut_and_logged(pki_d
                 await reader.read()
             writer.close()
     assert "closed: shutdown deadline (0 s) reached" in lines(tunnel_log)
+
+
+async def test_running_relays_cut_at_shutdown_are_logged_before_cut_open_returns(pki_dir, tunnel_log) -> None:
+    """No task waits on a running relay: cut_open itself waits until each cut relay has ended and logged."""
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # never replies; the client's cut ends it
+        writer.close()
+
+    async with plain_target(hold) as port, pair(pki_dir, f"127.0.0.1:{port}") as (srv, cli):
+        streams = [await asyncio.open_connection("127.0.0.1", cli.port) for _ in range(2)]
+        for _, writer in streams:
+            writer.write(b"hello")
+        await until(lambda: len(cli.relays) == 2 and len(srv.relays) == 2)
+        assert await cli.cut_open("shutdown deadline (0 s) reached") == 2
+        # Logged and released by the time cut_open returned, not at some later loop turn.
+        assert lines(tunnel_log).count("closed: shutdown deadline (0 s) reached") == 2
+        assert not cli.relays and cli.active == 0 and cli.completed == 2
+        for reader, writer in streams:
+            with pytest.raises(ConnectionResetError):
+                await reader.read()
+            writer.close()
+
+
+async def test_relay_when_done_calls_back_once_even_if_it_already_ended() -> None:
+    relay = relay_module.Relay(client_secure=False)
+    early: list[str | None] = []
+    relay.when_done(lambda r: early.append(r.reason))
+    relay.stop("stopped before either end connected")  # no connection to wait for: it ends at once
+    assert relay.done.done() and early == ["stopped before either end connected"]
+    relay.stop("again")
+    late: list[str | None] = []
+    relay.when_done(lambda r: late.append(r.reason))  # registered after the end: called at once
+    assert early == ["stopped before either end connected"] and late == early

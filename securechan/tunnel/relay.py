@@ -187,8 +187,8 @@ class Relay:
     """Relay bytes between the ``client`` end and the ``target`` end until both directions ended or it is stopped.
 
     The owner creates the relay, hands :attr:`client` and :attr:`target` to asyncio as the
-    protocols of the two connections, calls :meth:`start` once both are connected, and awaits
-    :meth:`wait` for the reason it ended.
+    protocols of the two connections, calls :meth:`start` once both are connected, and hears
+    that it ended through :meth:`when_done` (no task waits on a running relay).
     """
 
     def __init__(
@@ -211,6 +211,7 @@ class Relay:
         self.last_activity = self.started
         self._finishing = False
         self._done: asyncio.Future[str] = self.loop.create_future()
+        self._on_done: Callable[[Relay], None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._grace: asyncio.TimerHandle | None = None
 
@@ -246,17 +247,17 @@ class Relay:
         self.target.start_reading()
         self._maybe_finish()
 
-    async def wait(self) -> str:
-        """Wait for the relay to end; returns why. Cancelling the wait stops the relay."""
-        try:
-            return await asyncio.shield(self._done)
-        except asyncio.CancelledError:
-            self.stop("cancelled")
-            raise
+    @property
+    def done(self) -> asyncio.Future[str]:
+        """Resolved with why the relay ended, once it ended and both connections are gone."""
+        return self._done
 
-    async def run(self) -> str:
-        self.start()
-        return await self.wait()
+    def when_done(self, callback: Callable[[Relay], None]) -> None:
+        """Call ``callback(relay)`` once, when :attr:`done` resolves (at once if it already has)."""
+        if self._done.done():
+            callback(self)
+        else:
+            self._on_done = callback
 
     def stop(self, reason: str) -> None:
         """End the relay now: drop both ends (RST on TCP, no close_notify on securechan)."""
@@ -321,16 +322,20 @@ class Relay:
         self.stop(f"the last bytes were not taken within {CLOSE_GRACE:g} s")
 
     def _settle(self) -> None:
-        """Resolve :meth:`wait` once the relay ended and both connections are gone."""
+        """Resolve :attr:`done` and call the :meth:`when_done` callback, once the relay ended
+        and both connections are gone."""
         if self._done.done():
             return
         self._cancel_timer()
-        connected = [end for end in (self.client, self.target) if end.transport is not None]
-        if all(end.lost for end in connected):
+        client, target = self.client, self.target
+        if (client.lost or client.transport is None) and (target.lost or target.transport is None):
             if self._grace is not None:
                 self._grace.cancel()
                 self._grace = None
             self._done.set_result(self.reason or "closed")
+            callback, self._on_done = self._on_done, None
+            if callback is not None:
+                callback(self)
 
     # -- timers ---------------------------------------------------------------------------------
 

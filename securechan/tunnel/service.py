@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import stat
 from collections.abc import Coroutine
 from typing import Any
+
+from cryptography import x509
 
 from ..certs import describe
 from ..config import ClientConfig, ServerConfig
@@ -50,6 +53,12 @@ from .relay import reset as _reset
 from .spec import TunnelSpec
 
 log = logging.getLogger("securechan.tunnel")
+
+
+@functools.lru_cache(maxsize=256)
+def _identity(cert: x509.Certificate) -> str:
+    """How a peer certificate is named in the log lines (certificates hash and compare by their DER)."""
+    return repr(describe(cert))
 
 
 def _peer_text(peer: Any) -> str:
@@ -199,12 +208,16 @@ class Tunnel:
             relay.stop(reason)
         for proto in list(self._protocols):
             proto.abort()
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=1)
-            for task in pending:
+        # Tasks are connections still being set up; a running relay has no task, and its
+        # ``done`` resolves (and it is logged) once both of its connections are gone.
+        waiting: set[asyncio.Future[Any]] = set(self._tasks) | {relay.done for relay in self.relays}
+        if waiting:
+            _, pending = await asyncio.wait(waiting, timeout=1)
+            tasks = [task for task in self._tasks if task in pending]
+            for task in tasks:
                 task.cancel()
-            if pending:
-                await asyncio.wait(pending)
+            if tasks:
+                await asyncio.wait(tasks)
         self.cut += cut
         return cut
 
@@ -284,7 +297,7 @@ class Tunnel:
         assert self._server_config is not None
         relay = self._new_relay(client_secure=True)
         started = asyncio.get_running_loop().time()
-        relay.client.on_connected = lambda end: self._spawn(self._serve_secure(relay, started))
+        relay.client.on_connected = lambda _: self._spawn(self._serve_secure(relay, started))
         proto = _CountedProtocol(self, Connection(self._server_config), lambda: relay.client, None,
                                  self.spec.handshake_timeout)
         proto.on_handshake_failed = self._handshake_failed
@@ -305,7 +318,7 @@ class Tunnel:
         peer = _peer_text(peer_addr)
         session = secure.get_extra_info("securechan")
         cert = secure.get_extra_info("peercert")
-        identity = repr(describe(cert)) if cert is not None else "none"
+        identity = _identity(cert) if cert is not None else "none"
         suite = session.suite + (" resumed" if session.resumed else "")
         self.connecting.add(relay)
         try:
@@ -333,17 +346,25 @@ class Tunnel:
             relay.target.transport.write(proxyproto.header(
                 peer_addr, secure.get_extra_info("sockname"),
                 proxyproto.ssl_tlv(f"securechan/{session.version}", session.suite, cn)))
-        await self._run_relay(relay, peer, identity, suite, started)
+        self._start_relay(relay, peer, identity, suite, started, release=False)
 
-    async def _run_relay(self, relay: Relay, peer: str, identity: str, suite: str, started: float) -> None:
-        self.connecting.discard(relay)
-        self.relays.add(relay)
-        try:
-            await relay.run()
-        finally:
+    def _start_relay(self, relay: Relay, peer: str, identity: str, suite: str, started: float, *,
+                     release: bool) -> None:
+        """Both connections exist: relay, and log (and ``release`` the connection slot) when it ends.
+
+        No task waits on a running relay: its end is a callback from the connections' own events.
+        """
+        def done(relay: Relay) -> None:
             self.relays.discard(relay)
             self.completed += 1
-            self._log_end(peer, identity, suite, relay, relay.reason or "cancelled", started, failed=relay.failed)
+            if release:
+                self._release()
+            self._log_end(peer, identity, suite, relay, relay.reason or "closed", started, failed=relay.failed)
+
+        self.connecting.discard(relay)
+        self.relays.add(relay)
+        relay.start()
+        relay.when_done(done)
 
     # -- client side: plain in, securechan out -------------------------------------------------
 
@@ -359,13 +380,16 @@ class Tunnel:
 
     async def _serve_plain(self, relay: Relay) -> None:
         self.connecting.add(relay)
+        started = False
         try:
-            await self._relay_plain(relay)
+            started = await self._relay_plain(relay)
         finally:
             self.connecting.discard(relay)
-            self._release()
+            if not started:
+                self._release()  # a running relay releases its slot when it ends
 
-    async def _relay_plain(self, relay: Relay) -> None:
+    async def _relay_plain(self, relay: Relay) -> bool:
+        """Connect over securechan and start relaying; False if the connection could not be made."""
         spec, loop = self.spec, asyncio.get_running_loop()
         started = loop.time()
         plain = relay.client.transport
@@ -382,21 +406,22 @@ class Tunnel:
         except SecureChannelError as exc:  # before OSError: TruncationError is both
             relay.stop("securechan connection failed")
             self._log_end(peer, "-", "-", None, self._handshake_failure(exc), started, failed=True)
-            return
+            return False
         except OSError as exc:
             relay.stop("securechan connection failed")
             self._log_end(peer, "-", "-", None, _target_failure(target, spec.connect_timeout, exc),
                           started, failed=True)
-            return
+            return False
         except BaseException:
             relay.stop("cancelled")
             self._log_end(peer, "-", "-", None, relay.reason or "cancelled", started, failed=True)
             raise
         session = secure.get_extra_info("securechan")
         cert = secure.get_extra_info("peercert")
-        identity = repr(describe(cert)) if cert is not None else "pinned key"
+        identity = _identity(cert) if cert is not None else "pinned key"
         suite = session.suite + (" resumed" if session.resumed else "")
-        await self._run_relay(relay, peer, identity, suite, started)
+        self._start_relay(relay, peer, identity, suite, started, release=True)
+        return True
 
     def _handshake_failure(self, exc: SecureChannelError) -> str:
         spec = self.spec
