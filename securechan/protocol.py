@@ -168,9 +168,11 @@ class SecureProtocol(asyncio.BufferedProtocol):
                     error = eof_error
             self._waiter.set_exception(error or ConnectionClosedError("connection closed during the handshake"))
             self._waiter = None
-        self._notify_app_lost(error)
-        self._conn.discard()
-        self._tcp = None
+        try:
+            self._notify_app_lost(error)  # application code: whatever it raises, the keys are wiped
+        finally:
+            self._conn.discard()
+            self._tcp = None
 
     # -- internals ------------------------------------------------------------------------
 

@@ -216,9 +216,10 @@ def test_discard_overwrites_an_unread_frame_tail_too(pki_dir) -> None:
     client.send_data(b"t" * 3000)
     record = client.data_to_send()
     assert server.receive_data(record[:1000]) == []  # a partial record waits in the buffer
-    assert server._start < server._end and any(server._buf)
+    buf = server._buf
+    assert server._start < server._end and any(buf)
     server.discard()
-    assert not any(server._buf)
+    assert not any(buf)  # the same buffer, overwritten in place
 
 
 def test_discard_overwrites_a_grown_receive_buffer(pki_dir) -> None:
@@ -228,9 +229,9 @@ def test_discard_overwrites_a_grown_receive_buffer(pki_dir) -> None:
     server.receive_data(wire[:-10])  # the last record stays incomplete in the buffer
     assert server._end > server._start
     assert server.holds_large_buffer  # a record above the small buffer grew it (an anonymous mapping)
-    size = len(server._buf)
+    buf = server._buf
     server.discard()
-    assert server._buf[:] == bytes(size)
+    assert buf[:] == bytes(len(buf))  # the same mapping, overwritten in place
 
 
 # -- versions -----------------------------------------------------------------------------------

@@ -685,6 +685,7 @@ async def test_running_relays_cut_at_shutdown_are_logged_before_cut_open_returns
         for _, writer in streams:
             writer.write(b"hello")
         await until(lambda: len(cli.relays) == 2 and len(srv.relays) == 2)
+        assert not cli._tasks and not srv._tasks  # running relays: no task per connection
         assert await cli.cut_open("shutdown deadline (0 s) reached") == 2
         # Logged and released by the time cut_open returned, not at some later loop turn.
         assert lines(tunnel_log).count("closed: shutdown deadline (0 s) reached") == 2
@@ -698,10 +699,51 @@ async def test_running_relays_cut_at_shutdown_are_logged_before_cut_open_returns
 async def test_relay_when_done_calls_back_once_even_if_it_already_ended() -> None:
     relay = relay_module.Relay(client_secure=False)
     early: list[str | None] = []
+    second: list[str | None] = []
     relay.when_done(lambda r: early.append(r.reason))
+    relay.when_done(lambda r: second.append(r.reason))  # a second callback does not replace the first
     relay.stop("stopped before either end connected")  # no connection to wait for: it ends at once
-    assert relay.done.done() and early == ["stopped before either end connected"]
+    assert relay.settled and early == second == ["stopped before either end connected"]
     relay.stop("again")
     late: list[str | None] = []
     relay.when_done(lambda r: late.append(r.reason))  # registered after the end: called at once
     assert early == ["stopped before either end connected"] and late == early
+    assert await relay.wait() == "stopped before either end connected"
+
+
+async def test_a_cancelled_wait_stops_the_relay_and_its_callback_still_runs_once() -> None:
+    loop = asyncio.get_running_loop()
+    relay = relay_module.Relay(client_secure=False)
+    server = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    await loop.create_connection(lambda: relay.client, "127.0.0.1", port)
+    await loop.create_connection(lambda: relay.target, "127.0.0.1", port)
+    relay.start()
+    seen: list[str | None] = []
+    relay.when_done(lambda r: seen.append(r.reason))
+    waiter = asyncio.ensure_future(relay.wait())
+    await asyncio.sleep(0)
+    waiter.cancel()  # cancelling a wait stops the relay (as it always did) ...
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert relay.reason == "cancelled"
+    await until(lambda: relay.settled)  # ... and the callback runs, once, when both ends are gone
+    await asyncio.sleep(0.05)
+    assert seen == ["cancelled"] and relay.client.lost and relay.target.lost
+    server.close()
+
+
+async def test_an_exception_in_a_when_done_callback_goes_to_the_loop_handler() -> None:
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        relay = relay_module.Relay(client_secure=False)
+        after: list[str | None] = []
+        relay.when_done(lambda r: 1 / 0)  # type: ignore[func-returns-value]
+        relay.when_done(lambda r: after.append(r.reason))
+        relay.stop("stopped")
+    finally:
+        loop.set_exception_handler(None)
+    assert [type(c["exception"]) for c in reported] == [ZeroDivisionError]
+    assert after == ["stopped"]  # the callbacks after it still ran

@@ -211,7 +211,9 @@ class Relay:
         self.last_activity = self.started
         self._finishing = False
         self._done: asyncio.Future[str] = self.loop.create_future()
-        self._on_done: Callable[[Relay], None] | None = None
+        self._on_done: list[Callable[[Relay], None]] = []
+        #: The relay ended and both connections are gone (``_done`` alone could be cancelled by a waiter).
+        self._settled = False
         self._timer: asyncio.TimerHandle | None = None
         self._grace: asyncio.TimerHandle | None = None
 
@@ -248,23 +250,39 @@ class Relay:
         self._maybe_finish()
 
     @property
-    def done(self) -> asyncio.Future[str]:
-        """Resolved with why the relay ended, once it ended and both connections are gone."""
-        return self._done
+    def settled(self) -> bool:
+        """The relay ended and both of its connections are gone."""
+        return self._settled
 
     def when_done(self, callback: Callable[[Relay], None]) -> None:
-        """Call ``callback(relay)`` once, when :attr:`done` resolves (at once if it already has)."""
-        if self._done.done():
-            callback(self)
+        """Call ``callback(relay)`` once the relay has ended and both connections are gone.
+
+        At once if it already has. Callbacks run from the connections' own events (no task
+        waits on a running relay); an exception in one goes to the loop's exception handler.
+        """
+        if self._settled:
+            self._call(callback)
         else:
-            self._on_done = callback
+            self._on_done.append(callback)
+
+    async def wait(self) -> str:
+        """Wait for the relay to end; returns why. Cancelling the wait stops the relay."""
+        try:
+            return await asyncio.shield(self._done)
+        except asyncio.CancelledError:
+            self.stop("cancelled")
+            raise
+
+    async def run(self) -> str:
+        self.start()
+        return await self.wait()
 
     def stop(self, reason: str) -> None:
         """End the relay now: drop both ends (RST on TCP, no close_notify on securechan)."""
         if self.reason is None:
             self.reason = reason
             self.failed = True
-        elif self._finishing and not self._done.done() and not self.failed:
+        elif self._finishing and not self._settled and not self.failed:
             # Both directions had ended, but their last bytes were still on their way out.
             self.reason += f", then cut before the last bytes were delivered ({reason})"
             self.failed = True
@@ -324,18 +342,30 @@ class Relay:
     def _settle(self) -> None:
         """Resolve :attr:`done` and call the :meth:`when_done` callback, once the relay ended
         and both connections are gone."""
-        if self._done.done():
+        if self._settled:
             return
         self._cancel_timer()
         client, target = self.client, self.target
         if (client.lost or client.transport is None) and (target.lost or target.transport is None):
+            self._settled = True
             if self._grace is not None:
                 self._grace.cancel()
                 self._grace = None
-            self._done.set_result(self.reason or "closed")
-            callback, self._on_done = self._on_done, None
-            if callback is not None:
-                callback(self)
+            if not self._done.done():
+                self._done.set_result(self.reason or "closed")
+            callbacks, self._on_done = self._on_done, []
+            for callback in callbacks:
+                self._call(callback)
+
+    def _call(self, callback: Callable[[Relay], None]) -> None:
+        # _settle runs inside transport callbacks (connection_lost, a failed handshake's
+        # teardown): an exception from the owner's callback must not cut those short.
+        try:
+            callback(self)
+        except Exception as exc:
+            self.loop.call_exception_handler(
+                {"message": "exception in a relay's when_done callback", "exception": exc}
+            )
 
     # -- timers ---------------------------------------------------------------------------------
 

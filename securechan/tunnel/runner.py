@@ -106,6 +106,8 @@ async def serve(
         for tunnel in tunnels:
             await tunnel.close(0)
     finally:
+        for tunnel in tunnels:  # a no-op after a drain; after an error, nothing open may end looking clean
+            tunnel.cut_now("the tunnel process stopped")
         if watchdog is not None:
             watchdog.cancel()
         for sig in handled:

@@ -204,22 +204,31 @@ class Tunnel:
         (and logged as cut), not left to finish setting up after the tunnel said it stopped.
         """
         cut = self.open_count
+        self.cut_now(reason)
+        # Tasks are connections still being set up; a running relay has no task, and it is
+        # logged (and leaves ``relays``) once both of its connections are gone.
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 1
+        while (self._tasks or self.relays) and loop.time() < end:
+            await asyncio.sleep(0.005)
+            self.cut_now(reason)  # a relay that got its second connection while being cut
+        if self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+        self.cut += cut
+        return cut
+
+    def cut_now(self, reason: str) -> None:
+        """Abort every open connection (RST / no close_notify) without waiting; see :meth:`cut_open`.
+
+        Also what a tunnel does when the program around it ends without :meth:`drain`.
+        """
         for relay in list(self.relays | self.connecting):
             relay.stop(reason)
         for proto in list(self._protocols):
             proto.abort()
-        # Tasks are connections still being set up; a running relay has no task, and its
-        # ``done`` resolves (and it is logged) once both of its connections are gone.
-        waiting: set[asyncio.Future[Any]] = set(self._tasks) | {relay.done for relay in self.relays}
-        if waiting:
-            _, pending = await asyncio.wait(waiting, timeout=1)
-            tasks = [task for task in self._tasks if task in pending]
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                await asyncio.wait(tasks)
-        self.cut += cut
-        return cut
 
     @property
     def open_count(self) -> int:
@@ -363,8 +372,8 @@ class Tunnel:
 
         self.connecting.discard(relay)
         self.relays.add(relay)
+        relay.when_done(done)  # before start(): however the relay ends, it is logged and released
         relay.start()
-        relay.when_done(done)
 
     # -- client side: plain in, securechan out -------------------------------------------------
 
@@ -380,16 +389,18 @@ class Tunnel:
 
     async def _serve_plain(self, relay: Relay) -> None:
         self.connecting.add(relay)
-        started = False
+        ready = None
         try:
-            started = await self._relay_plain(relay)
+            ready = await self._relay_plain(relay)
         finally:
             self.connecting.discard(relay)
-            if not started:
-                self._release()  # a running relay releases its slot when it ends
+            if ready is None:
+                self._release()
+        if ready is not None:  # from here the relay owns the connection slot: it releases it when it ends
+            self._start_relay(relay, *ready, release=True)
 
-    async def _relay_plain(self, relay: Relay) -> bool:
-        """Connect over securechan and start relaying; False if the connection could not be made."""
+    async def _relay_plain(self, relay: Relay) -> tuple[str, str, str, float] | None:
+        """Connect over securechan; what the relay's log line needs, or None if that failed (logged)."""
         spec, loop = self.spec, asyncio.get_running_loop()
         started = loop.time()
         plain = relay.client.transport
@@ -406,12 +417,12 @@ class Tunnel:
         except SecureChannelError as exc:  # before OSError: TruncationError is both
             relay.stop("securechan connection failed")
             self._log_end(peer, "-", "-", None, self._handshake_failure(exc), started, failed=True)
-            return False
+            return None
         except OSError as exc:
             relay.stop("securechan connection failed")
             self._log_end(peer, "-", "-", None, _target_failure(target, spec.connect_timeout, exc),
                           started, failed=True)
-            return False
+            return None
         except BaseException:
             relay.stop("cancelled")
             self._log_end(peer, "-", "-", None, relay.reason or "cancelled", started, failed=True)
@@ -420,8 +431,7 @@ class Tunnel:
         cert = secure.get_extra_info("peercert")
         identity = _identity(cert) if cert is not None else "pinned key"
         suite = session.suite + (" resumed" if session.resumed else "")
-        self._start_relay(relay, peer, identity, suite, started, release=True)
-        return True
+        return peer, identity, suite, started
 
     def _handshake_failure(self, exc: SecureChannelError) -> str:
         spec = self.spec
