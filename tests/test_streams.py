@@ -296,3 +296,31 @@ async def test_backpressure_bounded_memory(serve, server_config, client_config) 
     writer.write_eof()
     assert int(await reader.read()) == sent
     writer.close()
+
+
+async def test_keys_are_wiped_even_when_the_applications_connection_lost_raises(
+    serve, server_config, client_config
+) -> None:
+    loop = asyncio.get_running_loop()
+    lost = loop.create_future()
+
+    class Fragile(asyncio.Protocol):
+        def connection_lost(self, exc: Exception | None) -> None:
+            lost.set_result(None)
+            raise RuntimeError("application bug in connection_lost")
+
+    _, port = await serve(echo, server_config)
+    transport, _ = await securechan.create_connection(Fragile, "127.0.0.1", port, config=client_config)
+    conn = transport._proto._conn
+    secret = conn._sealer._secret
+    assert any(secret)
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        transport.abort()
+        await asyncio.wait_for(lost, 5)
+        await asyncio.sleep(0.05)
+    finally:
+        loop.set_exception_handler(None)
+    assert not any(secret) and conn._sealer._aead is None and not any(conn._buf)
+    assert any(isinstance(c.get("exception"), RuntimeError) for c in reported)  # still reported, not swallowed
