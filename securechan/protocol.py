@@ -304,7 +304,7 @@ class SecureTransport(asyncio.Transport):
             bits = 128 if session.suite == "AES-128-GCM" else 256
             return (session.suite, f"securechan/{session.version}", bits)
         if name == "peername" and self._proto._peer is not None:
-            return self._proto._peer  # read once at connection_made (each read is a system call)
+            return self._proto._peer  # read once at connection_made (on uvloop each read is a system call)
         return self._tcp.get_extra_info(name, default)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:

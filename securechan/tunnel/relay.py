@@ -340,8 +340,8 @@ class Relay:
         self.stop(f"the last bytes were not taken within {CLOSE_GRACE:g} s")
 
     def _settle(self) -> None:
-        """Resolve :attr:`done` and call the :meth:`when_done` callback, once the relay ended
-        and both connections are gone."""
+        """Once the relay ended and both connections are gone: resolve :meth:`wait`, call the
+        :meth:`when_done` callbacks."""
         if self._settled:
             return
         self._cancel_timer()
