@@ -210,10 +210,9 @@ class Relay:
         self.started = self.loop.time()
         self.last_activity = self.started
         self._finishing = False
+        #: Resolved only by _settle; waiters get it through shield(), so none can cancel it.
         self._done: asyncio.Future[str] = self.loop.create_future()
         self._on_done: list[Callable[[Relay], None]] = []
-        #: The relay ended and both connections are gone (``_done`` alone could be cancelled by a waiter).
-        self._settled = False
         self._timer: asyncio.TimerHandle | None = None
         self._grace: asyncio.TimerHandle | None = None
 
@@ -252,7 +251,7 @@ class Relay:
     @property
     def settled(self) -> bool:
         """The relay ended and both of its connections are gone."""
-        return self._settled
+        return self._done.done()
 
     def when_done(self, callback: Callable[[Relay], None]) -> None:
         """Call ``callback(relay)`` once the relay has ended and both connections are gone.
@@ -260,7 +259,7 @@ class Relay:
         At once if it already has. Callbacks run from the connections' own events (no task
         waits on a running relay); an exception in one goes to the loop's exception handler.
         """
-        if self._settled:
+        if self._done.done():
             self._call(callback)
         else:
             self._on_done.append(callback)
@@ -282,7 +281,7 @@ class Relay:
         if self.reason is None:
             self.reason = reason
             self.failed = True
-        elif self._finishing and not self._settled and not self.failed:
+        elif self._finishing and not self._done.done() and not self.failed:
             # Both directions had ended, but their last bytes were still on their way out.
             self.reason += f", then cut before the last bytes were delivered ({reason})"
             self.failed = True
@@ -342,17 +341,15 @@ class Relay:
     def _settle(self) -> None:
         """Once the relay ended and both connections are gone: resolve :meth:`wait`, call the
         :meth:`when_done` callbacks."""
-        if self._settled:
+        if self._done.done():
             return
         self._cancel_timer()
         client, target = self.client, self.target
         if (client.lost or client.transport is None) and (target.lost or target.transport is None):
-            self._settled = True
+            self._done.set_result(self.reason or "closed")
             if self._grace is not None:
                 self._grace.cancel()
                 self._grace = None
-            if not self._done.done():
-                self._done.set_result(self.reason or "closed")
             callbacks, self._on_done = self._on_done, []
             for callback in callbacks:
                 self._call(callback)
