@@ -168,8 +168,8 @@ class Connection:
     # connection is smaller.
     __slots__ = (
         "_buf", "_clock", "_end", "_entropy", "_error_raised", "_exporter_secret", "_handshake_done", "_hs",
-        "_live_sealer", "_need", "_opener", "_out", "_peer_der", "_recv_closed", "_recv_limits", "_rekey_bytes",
-        "_rekey_records", "_resume_key", "_sealer", "_send_closed", "_send_limit", "_start",
+        "_live_sealer", "_need", "_opener", "_out", "_peer_der", "_pending_session", "_recv_closed", "_recv_limits",
+        "_rekey_bytes", "_rekey_records", "_resume_key", "_sealer", "_send_closed", "_send_limit", "_start",
         "_update_at", "config", "error", "resumption_secret", "role", "session", "state",
     )
 
@@ -196,8 +196,9 @@ class Connection:
         self._error_raised = False
         self._sealer: Sealer | None = None
         #: The sealer while sending is allowed: keys installed, our direction open, not failed or
-        #: closed. Set once, by ``_install``; cleared by ``close`` and by ``_wipe``, which every
-        #: path to FAILED or CLOSED after ``_install`` runs (before it, there is nothing to clear).
+        #: closed. Set once, by ``_install`` on a client and by ``_complete`` on a server (whose keys
+        #: arrive with its Finished, before the client's is verified); cleared by ``close`` and by
+        #: ``_wipe``, which every path to FAILED or CLOSED after ``_install`` runs.
         self._live_sealer: Sealer | None = None
         self._rekey_records = config.key_update_records
         self._rekey_bytes = config.key_update_bytes
@@ -208,6 +209,8 @@ class Connection:
         self._send_closed = False
         self._recv_closed = False
         self.session: SessionInfo | None = None
+        #: A server's session between its keys (with its Finished) and the client's verified Finished.
+        self._pending_session: SessionInfo | None = None
         #: The fatal error, once the connection has failed.
         self.error: SecureChannelError | None = None
         self._exporter_secret = bytearray()
@@ -302,19 +305,24 @@ class Connection:
             raise ConnectionClosedError("cannot send: the connection failed")
         if self._send_closed:
             raise ConnectionClosedError("cannot send: this side already closed its direction (close_notify sent)")
-        raise ConnectionClosedError("cannot send before the handshake has produced traffic keys")
+        raise ConnectionClosedError(
+            "cannot send before the handshake allows it (a client: once its Finished is queued; "
+            "a server: once the client's Finished verified)"
+        )
 
     def close(self) -> None:
         """Send close_notify: we will send nothing more. Reading may continue (half-close)."""
         if self._send_closed or self.state is State.FAILED:
             return
-        if self._sealer is None:
-            # Handshake not far enough for protected records: abandon it with an alert.
+        sealer = self._live_sealer
+        if sealer is None:
+            # Handshake not far enough to send protected records: abandon it with an alert (a
+            # resumed server already holds its keys here: they are wiped with the rest).
             self._queue_alert(AlertCode.USER_CANCELED)
-            self.state = State.FAILED
             self._send_closed = True
+            self._fail_silently()
             return
-        self._out.append(self._sealer.seal(FrameType.CONTROL, pack_map(CloseNotify().encode())))
+        self._out.append(sealer.seal(FrameType.CONTROL, pack_map(CloseNotify().encode())))
         self._send_closed = True
         self._live_sealer = None
         if self._recv_closed:
@@ -521,7 +529,11 @@ class Connection:
     def _install(self, s: Secrets) -> None:
         client = self.role is Role.CLIENT
         assert not self._send_closed and self._sealer is None  # traffic keys arrive once
-        self._sealer = self._live_sealer = Sealer(s.suite, s.client_traffic if client else s.server_traffic)
+        self._sealer = Sealer(s.suite, s.client_traffic if client else s.server_traffic)
+        if client:
+            # A client may send application data right behind its Finished; a server only once
+            # the client's Finished verified (_complete), although its keys arrive with its own.
+            self._live_sealer = self._sealer
         self._opener = Opener(s.suite, s.server_traffic if client else s.client_traffic)
         self._send_limit = s.send_record_limit
         self._exporter_secret = bytearray(s.exporter)
@@ -530,7 +542,7 @@ class Connection:
         self._schedule_time_update()
         hs = self._hs
         assert hs is not None
-        self.session = SessionInfo(
+        session = SessionInfo(
             version=s.version,
             suite=s.suite.label,
             resumed=s.resumed,
@@ -541,12 +553,21 @@ class Connection:
             _exporter=_exporter_of(self._exporter_secret),
         )
         s.client_traffic = s.server_traffic = s.exporter = s.resumption = b""
+        if client:
+            self.session = session
+        else:
+            # Published (with its exporter) only once the client's Finished verified (_complete).
+            self._pending_session = session
+            self._issue_ticket(session, isinstance(hs, ServerHandshake) and hs.issues_ticket)
 
     def _complete(self, events: list[Event]) -> None:
+        if self.session is None:
+            self.session, self._pending_session = self._pending_session, None
         assert self.session is not None
         self._handshake_done = True
-        send_ticket = isinstance(self._hs, ServerHandshake) and self._hs.issues_ticket
         self._hs = None
+        if self._live_sealer is None and not self._send_closed:
+            self._live_sealer = self._sealer  # a server may send from now on
         self.state = State.CONNECTED
         self._recv_limits = {
             FrameType.APPLICATION_DATA: self.config.max_record_size + TAG_LEN,
@@ -554,23 +575,20 @@ class Connection:
             FrameType.ALERT: _ALERT_BODY,
         }
         events.append(HandshakeComplete(self.session))
-        if self.role is Role.SERVER:
-            self._after_server_handshake(send_ticket)
+        if self.role is Role.SERVER and isinstance(self.config, ServerConfig) and self.config._tickets is not None:
+            self.config._tickets.count_handshake(self.session.resumed)
 
     def _schedule_time_update(self) -> None:
         interval = self.config.key_update_interval
         self._update_at = None if interval is None else self._clock() + interval
 
-    def _after_server_handshake(self, send_ticket: bool) -> None:
-        """Count the handshake; send a session ticket if the client keeps them (docs/PROTOCOL.md, "Resumption")."""
-        config, session, sealer = self.config, self.session, self._sealer
-        assert isinstance(config, ServerConfig) and session is not None and sealer is not None
+    def _issue_ticket(self, session: SessionInfo, send_ticket: bool) -> None:
+        """Queue a session ticket behind our Finished if the client keeps them (docs/PROTOCOL.md §13.4)."""
+        config, sealer = self.config, self._sealer
+        assert isinstance(config, ServerConfig) and sealer is not None
         tickets = config._tickets
         secret, self.resumption_secret = self.resumption_secret, b""
-        if tickets is None:
-            return
-        tickets.count_handshake(session.resumed)
-        if not send_ticket:
+        if tickets is None or not send_ticket:
             return
         # The handshake derived the resumption secret exactly when it would issue a ticket
         # (ServerHandshake.issues_ticket, the same test as send_ticket): never a PSK from nothing.
@@ -669,6 +687,7 @@ class Connection:
         self._exporter_secret.clear()
         self.resumption_secret = b""
         self._hs = None
+        self._pending_session = None
         # Overwrite what was received and is no longer needed (everything but an unread frame tail).
         buf = self._buf
         _zero(buf, 0, self._start)

@@ -101,7 +101,8 @@ class Secrets:
 @dataclass
 class Step:
     frames: list[bytes] = field(default_factory=list)
-    #: Set when traffic secrets become available (client: after its Finished; server: after the client's).
+    #: Set when traffic secrets become available (client: with its Finished; server: with its own
+    #: Finished, i.e. after the client's in a full handshake, at once in a resumed one).
     secrets: Secrets | None = field(default=None, repr=False)
     #: True when the peer's Finished has been verified.
     complete: bool = False
@@ -384,6 +385,8 @@ class ServerHandshake:
         self._client_auth: tuple[int, ...] = ()
         #: Set when the ClientHello's ticket was accepted (resumed handshake).
         self._resumption: Resumption | None = None
+        #: A resumed handshake's key for the client's Finished (its other secrets left with our Finished).
+        self._client_finished_key = b""
         self._client_chain: tuple[x509.Certificate, ...] = ()
         self._client_der: tuple[bytes, ...] = ()
         #: The client-authentication verdict, acted on once the client's Finished verified.
@@ -527,11 +530,16 @@ class ServerHandshake:
         self._dhe = b""
         fin = handshake_frame(Finished(mac=finished_mac(self._s["s finished"], th1)))
         self._transcript.add(fin)
+        # The traffic secrets go to the record layer with our Finished, so the session ticket can
+        # leave in this flight (docs/PROTOCOL.md §13.4); the client's Finished is still verified
+        # before the handshake completes, and nothing but the ticket is sent before that.
+        self._client_finished_key = self._s["c finished"]
+        secrets = self._take_secrets(resumed=True)
         self._expect = Finished
-        return Step(frames=[sh_frame, fin])
+        return Step(frames=[sh_frame, fin], secrets=secrets)
 
     def _take_secrets(self, resumed: bool) -> Secrets:
-        """Hand the derived secrets to the record layer and forget them here; the handshake is over."""
+        """Hand the derived secrets to the record layer and forget them here (our Finished is sent)."""
         secrets = Secrets(
             version=self._version,
             suite=self._suite,
@@ -549,13 +557,14 @@ class ServerHandshake:
         return secrets
 
     def _on_resumed_finished(self, fin: Finished, frame: bytes) -> Step:
-        if not hmac.compare_digest(finished_mac(self._s["c finished"], self._transcript.digest()), fin.mac):
+        key, self._client_finished_key = self._client_finished_key, b""
+        if not hmac.compare_digest(finished_mac(key, self._transcript.digest()), fin.mac):
             raise HandshakeAuthError(
                 "the client's Finished MAC did not verify in a resumed handshake: the client does not hold "
                 "the ticket's key, or the handshake was altered in transit"
             )
         self._transcript.add(frame)
-        return Step(secrets=self._take_secrets(resumed=True), complete=True)
+        return Step(complete=True)
 
     def _on_finished(self, fin: Finished, frame: bytes) -> Step:
         if self._resumption is not None:

@@ -5,7 +5,11 @@ Theory of operation
 :class:`SecureProtocol` is what asyncio's TCP transport talks to. It drives one sans-IO
 :class:`~securechan.Connection`: the kernel reads straight into the connection's receive
 buffer (``get_buffer``/``buffer_updated``), and whatever the connection queues is written
-to the TCP transport at once, so the only write buffer is the TCP transport's own.
+to the TCP transport at once, so the only write buffer is the TCP transport's own. One
+exception: on the read that completes the handshake, our last handshake flight is held
+back while the application's ``connection_made`` runs, so that it and whatever the
+application writes there (a request, a relay's buffered bytes) leave in one write; anything
+that closes or aborts the TCP transport writes or drops what is held first.
 
 The application protocol is created when the connection object is, but it sees
 ``connection_made`` only after the handshake completed (the peer's Finished verified), with
@@ -68,6 +72,8 @@ class SecureProtocol(asyncio.BufferedProtocol):
         self._reads = 0
         self._reads_at_arm = 0
         self._idle_timer: asyncio.TimerHandle | None = None
+        #: Output held back while the handshake completes (see buffer_updated), else None.
+        self._cork: list[bytes] | None = None
 
     # -- asyncio.BaseProtocol -------------------------------------------------------------
 
@@ -90,8 +96,18 @@ class SecureProtocol(asyncio.BufferedProtocol):
         except SecureChannelError as exc:
             self._fatal(exc)
             return
-        self._flush()
-        self._handle(events)
+        # The read that completes the handshake: our last handshake flight and whatever the
+        # application writes from connection_made (a relay's buffered bytes, a request) leave
+        # in one write instead of one each.
+        corked = self.app_transport is None and self._conn.handshake_complete
+        if corked:
+            self._cork = []
+        try:
+            self._flush()
+            self._handle(events)
+        finally:
+            if corked:
+                self._uncork()
         if self._conn.error is not None:
             self._fatal(self._conn.error)
             return
@@ -189,7 +205,16 @@ class SecureProtocol(asyncio.BufferedProtocol):
     def _flush(self) -> None:
         data = self._conn.data_to_send()
         if data and self._tcp is not None and not self._tcp.is_closing():
-            self._tcp.write(data)
+            if self._cork is not None:
+                self._cork.append(data)
+            else:
+                self._tcp.write(data)
+
+    def _uncork(self) -> None:
+        """Write what was held back, in order, as one ``writelines`` (one system call)."""
+        cork, self._cork = self._cork, None
+        if cork and self._tcp is not None and not self._tcp.is_closing():
+            self._tcp.writelines(cork)
 
     def _on_handshake_complete(self, session: SessionInfo) -> None:
         self._cancel_timer()
@@ -240,6 +265,7 @@ class SecureProtocol(asyncio.BufferedProtocol):
 
     def _close_tcp(self) -> None:
         self._cancel_timer()
+        self._uncork()
         if self._tcp is not None and not self._tcp.is_closing():
             self._tcp.close()
 
@@ -256,13 +282,18 @@ class SecureProtocol(asyncio.BufferedProtocol):
             # The connection is gone (or failed after the records being delivered now);
             # as with asyncio transports, drop the write: drain()/read() report why.
             return
-        tcp.writelines(self._conn.seal_parts(data))
+        parts = self._conn.seal_parts(data)
+        if self._cork is not None:
+            self._cork.extend(parts)
+        else:
+            tcp.writelines(parts)
 
     def _app_write_eof(self) -> None:
         if self._conn.send_closed:
             return
         self._conn.close()
         self._flush()
+        self._uncork()
         if self._tcp is not None and self._tcp.can_write_eof() and not self._tcp.is_closing():
             try:
                 self._tcp.write_eof()
@@ -276,6 +307,7 @@ class SecureProtocol(asyncio.BufferedProtocol):
         self._close_tcp()
 
     def _app_abort(self) -> None:
+        self._cork = None  # an abort discards unsent output
         if self._tcp is not None:
             self._tcp.abort()
 

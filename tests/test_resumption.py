@@ -636,6 +636,79 @@ def test_client_may_not_send_tickets(pki_dir) -> None:
         server.receive_data(record)
 
 
+def _frame_types(data: bytes) -> list[int]:
+    types, pos = [], 0
+    while pos < len(data):
+        types.append(data[pos + 1])
+        pos += 7 + int.from_bytes(data[pos + 3 : pos + 7], "big")
+    assert pos == len(data)
+    return types
+
+
+def _resumable_pair(pki_dir) -> tuple[securechan.ClientConfig, securechan.ServerConfig]:
+    """Configs after one full handshake over the sans-IO connection: the client holds one ticket."""
+    client_cfg, server_cfg = pki_dir.client_config(), pki_dir.server_config()
+    client = Connection(client_cfg, server_name="localhost", resume_key=("h", 1, "localhost"))
+    server = Connection(server_cfg)
+    while not (client.handshake_complete and server.handshake_complete):
+        server.receive_data(client.data_to_send())
+        client.receive_data(server.data_to_send())
+    assert client_cfg.session_stats.tickets == 1
+    return client_cfg, server_cfg
+
+
+def test_a_resumed_servers_first_flight_carries_the_ticket(pki_dir) -> None:
+    """ServerHello, Finished and the new ticket leave together (§13.4): the client holds its next ticket
+    when its handshake completes, before the server has verified the client's Finished."""
+    client_cfg, server_cfg = _resumable_pair(pki_dir)
+    client = Connection(client_cfg, server_name="localhost", resume_key=("h", 1, "localhost"))
+    server = Connection(server_cfg)
+    server.receive_data(client.data_to_send())
+    flight = server.data_to_send()
+    assert _frame_types(flight) == [FrameType.HANDSHAKE, FrameType.HANDSHAKE, FrameType.CONTROL]
+    # Nothing else may be sent before the client's Finished verified: no 0.5-RTT application data.
+    assert not server.handshake_complete and not server.can_send and server.session is None
+    with pytest.raises(securechan.ConnectionClosedError, match="before the handshake"):
+        server.send_data(b"early")
+    client.receive_data(flight)
+    assert client.handshake_complete and client.session is not None and client.session.resumed
+    assert client_cfg.session_stats.tickets == 2  # the new ticket, stored
+    assert len(client_cfg.session_cache.peek(("h", 1, "localhost"))) == 1
+    server.receive_data(client.data_to_send())
+    assert server.handshake_complete and server.can_send and server.session is not None and server.session.resumed
+    assert server.data_to_send() == b""  # the ticket is not sent a second time
+    assert server_cfg.session_stats.resumed == 1
+
+
+def test_a_resumed_handshake_failing_at_the_clients_finished_sends_a_plaintext_alert(pki_dir) -> None:
+    """The server's keys exist before the client's Finished verified, yet a failure there is still an
+    unprotected alert, as in every handshake failure (a close before it is user_canceled), and the keys
+    it already holds are wiped."""
+    client_cfg, server_cfg = _resumable_pair(pki_dir)
+    for how in ("tampered finished", "server closes", "server times out"):
+        client = Connection(client_cfg, server_name="localhost", resume_key=("h", 1, "localhost"))
+        server = Connection(server_cfg)
+        server.receive_data(client.data_to_send())
+        client.receive_data(server.data_to_send())
+        assert server._sealer is not None and server._sealer._aead is not None  # keys installed
+        if how == "server closes":
+            server.close()
+        elif how == "server times out":
+            server.abort(securechan.HandshakeTimeoutError("the handshake did not complete"))
+        else:
+            fin = bytearray(client.data_to_send())
+            fin[-1] ^= 1  # the last byte of the Finished MAC
+            with pytest.raises(securechan.HandshakeAuthError, match="resumed handshake"):
+                server.receive_data(bytes(fin))
+        out = server.data_to_send()
+        assert _frame_types(out) == [FrameType.ALERT]  # not a protected record
+        assert server._sealer._aead is None and server._opener is not None and server._opener._aead is None
+        assert server._hs is None and server._pending_session is None and server.session is None
+        if how != "tampered finished":
+            with pytest.raises((securechan.UserCanceledError, securechan.HandshakeTimeoutError)):
+                client.receive_data(out)
+
+
 _FUZZ_TICKETS = ServerTickets(lifetime=60, rotation=3600)
 _GOOD_TICKET = _FUZZ_TICKETS.seal(TicketContents(psk=bytes(32), version=1, suite=1, server_name="x", client_chain=()))
 

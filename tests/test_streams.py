@@ -324,3 +324,114 @@ async def test_keys_are_wiped_even_when_the_applications_connection_lost_raises(
         loop.set_exception_handler(None)
     assert not any(secret) and conn._sealer._aead is None and not any(conn._buf)
     assert any(isinstance(c.get("exception"), RuntimeError) for c in reported)  # still reported, not swallowed
+
+
+class _WriteLog:
+    """The TCP transport as SecureProtocol sees it, with each write call recorded (the I/O is the real socket's)."""
+
+    def __init__(self, transport: asyncio.Transport, calls: list[bytes]) -> None:
+        self._transport = transport
+        self._calls = calls
+
+    def write(self, data: bytes) -> None:
+        self._calls.append(bytes(data))
+        self._transport.write(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        parts = list(parts)
+        self._calls.append(b"".join(parts))
+        self._transport.writelines(parts)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._transport, name)
+
+
+def _frame_types(data: bytes) -> list[int]:
+    types, pos = [], 0
+    while pos < len(data):
+        assert data[pos] == 0x92 and data[pos + 2] == 0xC6
+        types.append(data[pos + 1])
+        pos += 7 + int.from_bytes(data[pos + 3 : pos + 7], "big")
+    return types
+
+
+async def test_a_resumed_clients_finished_leaves_with_what_connection_made_writes(serve, pki_dir) -> None:
+    """The read that completes a resumed handshake: the client's Finished and the request its application
+    writes in connection_made go out in one write (one system call, one segment), Finished first."""
+    from securechan.connection import Connection
+    from securechan.frames import FrameType
+    from securechan.protocol import SecureProtocol
+
+    client_config = pki_dir.client_config()
+    _, port = await serve(echo, pki_dir.server_config())
+    reader, writer = await securechan.open_connection("127.0.0.1", port, config=client_config,
+                                                      server_name="localhost")
+    writer.write(b"x")
+    await reader.readexactly(1)  # the session ticket arrived before the echo
+    writer.close()
+    await writer.wait_closed()
+
+    loop = asyncio.get_running_loop()
+    calls: list[bytes] = []
+    answer: asyncio.Future[bytes] = loop.create_future()
+
+    class Request(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+            transport.write(b"request")  # type: ignore[attr-defined]
+
+        def data_received(self, data: bytes) -> None:
+            if not answer.done():
+                answer.set_result(data)
+
+    class Recorded(SecureProtocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(_WriteLog(transport, calls))  # type: ignore[arg-type]
+
+    waiter: asyncio.Future[None] = loop.create_future()
+    proto = Recorded(Connection(client_config, server_name="localhost", resume_key=("127.0.0.1", port, "localhost")),
+                     Request, waiter, 10.0)
+    tcp, _ = await loop.create_connection(lambda: proto, "127.0.0.1", port)
+    try:
+        await waiter
+        assert await asyncio.wait_for(answer, 10) == b"request"
+        assert proto.app_transport is not None and proto.app_transport.get_extra_info("securechan").resumed
+        assert [_frame_types(c) for c in calls] == [
+            [FrameType.HANDSHAKE],  # ClientHello
+            [FrameType.HANDSHAKE, FrameType.APPLICATION_DATA],  # Finished + the request, one write
+        ]
+    finally:
+        tcp.close()
+
+
+@pytest.mark.parametrize("ending", ["close", "write_eof"])
+async def test_an_application_that_writes_and_ends_in_connection_made_is_delivered_whole(
+    serve, pki_dir, ending: str
+) -> None:
+    """Writes and the close_notify an application makes inside connection_made (while the handshake's
+    last flight is held back to leave with them) reach the peer in order, complete, for full and resumed
+    handshakes alike."""
+    received: list[bytes] = []
+    done = asyncio.Event()
+
+    async def collect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.read())  # up to close_notify; a truncation would raise
+        writer.close()
+        done.set()
+
+    class WriteAndEnd(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            transport.write(b"one ")  # type: ignore[attr-defined]
+            transport.write(b"two")  # type: ignore[attr-defined]
+            getattr(transport, ending)()
+
+    client_config = pki_dir.client_config()
+    _, port = await serve(collect, pki_dir.server_config())
+    for _ in range(2):  # a full handshake, then a resumed one
+        done.clear()
+        transport, _ = await securechan.create_connection(WriteAndEnd, "127.0.0.1", port, config=client_config,
+                                                          server_name="localhost")
+        await asyncio.wait_for(done.wait(), 10)
+        transport.close()
+    assert received == [b"one two", b"one two"]
+    assert client_config.session_stats.resumed == 1

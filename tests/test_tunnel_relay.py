@@ -379,8 +379,11 @@ async def test_name_mismatch_error_names_the_option(pki_dir, tunnel_log) -> None
             await reader.read()
         writer.close()
         await until(lambda: cli.active == 0)
+        await asyncio.sleep(0.05)
+        # Reported once (no task awaits the handshake: its failure is a callback), nothing left behind.
+        assert not cli.connecting and not cli._protocols and not cli._tasks and cli.active == 0
     assert "the server certificate does not match --server-name 'db'" in lines(tunnel_log, logging.WARNING)
-    assert "certificate for 'localhost' is not valid for server name 'db'" in lines(tunnel_log, logging.WARNING)
+    assert lines(tunnel_log).count("certificate for 'localhost' is not valid for server name 'db'") == 1
 
 
 async def test_session_resumes_across_tunnel_connections(pki_dir, tunnel_log) -> None:
@@ -662,16 +665,51 @@ async def test_last_bytes_not_taken_in_the_close_grace_are_logged_as_a_cut(pki_d
 
 
 async def test_a_connection_still_connecting_at_shutdown_is_cut_and_logged(pki_dir, tunnel_log) -> None:
+    """A client connection in its handshake has no task (its end is a callback): cut_open still cuts it,
+    and it is logged and its slot released by the time cut_open returns."""
     with silent_target() as port:
         spec = client_spec(pki_dir, f"127.0.0.1:{port}", handshake_timeout=30.0)
         async with running(spec) as (cli,):
             reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
-            await until(lambda: bool(cli.connecting))
+            await until(lambda: bool(cli.connecting) and not cli._tasks)  # TCP connected, in the handshake
             assert await cli.cut_open("shutdown deadline (0 s) reached") == 1
+            assert lines(tunnel_log).count("closed: shutdown deadline (0 s) reached") == 1
+            assert not cli.connecting and cli.active == 0
             with pytest.raises(ConnectionResetError):
                 await reader.read()
             writer.close()
-    assert "closed: shutdown deadline (0 s) reached" in lines(tunnel_log)
+            await asyncio.sleep(0.05)
+    assert lines(tunnel_log).count("closed: shutdown deadline (0 s) reached") == 1  # once, not again at close
+
+
+async def test_a_client_connection_cancelled_while_connecting_is_logged_once(pki_dir, tunnel_log) -> None:
+    """The task that makes the TCP connection is cancelled before it connects: logged once, slot released."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        # Fill the accept queue so the next connect hangs in SYN_SENT instead of being accepted.
+        fillers = [socket.socket() for _ in range(8)]
+        for f in fillers:
+            f.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                f.connect(full.getsockname())
+        try:
+            spec = client_spec(pki_dir, f"127.0.0.1:{full.getsockname()[1]}", connect_timeout=30.0)
+            async with running(spec) as (cli,):
+                reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+                await until(lambda: bool(cli._tasks))
+                await asyncio.sleep(0.2)
+                if not cli._tasks:
+                    pytest.skip("this kernel accepted the connection despite the full backlog")
+                assert await cli.cut_open("shutdown deadline (0 s) reached") == 1
+                assert lines(tunnel_log).count("closed: shutdown deadline (0 s) reached") == 1
+                assert not cli.connecting and not cli._tasks and cli.active == 0
+                with pytest.raises(ConnectionResetError):
+                    await reader.read()
+                writer.close()
+        finally:
+            for f in fillers:
+                f.close()
 
 
 async def test_running_relays_cut_at_shutdown_are_logged_before_cut_open_returns(pki_dir, tunnel_log) -> None:

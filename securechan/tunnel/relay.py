@@ -22,7 +22,8 @@ Half-close travels both ways. A plain EOF becomes ``write_eof()`` on the secure 
 becomes ``write_eof()`` (``shutdown(SHUT_WR)``) on the plain end. The other direction keeps
 flowing until it ends too, so a client that shuts down its write side still gets the whole
 reply. When both directions have ended, both transports are closed after their buffers
-flushed (bounded by :data:`CLOSE_GRACE`).
+flushed (bounded by :data:`CLOSE_GRACE`); when the second EOF is bound for the secure end,
+that close itself sends the close_notify (no separate shutdown before it).
 
 Failures are never laundered into a clean EOF. A secure connection that ends without
 close_notify (``TruncationError``), fails authentication, or is reset makes the relay abort
@@ -112,8 +113,14 @@ class End(asyncio.Protocol):
         relay.last_activity = relay.loop.time()
         if relay.first_eof is None:
             relay.first_eof = self.label
-        if self.peer is not None:
-            self.peer.send_eof()
+        peer = self.peer
+        if peer is not None:
+            if not (peer.secure and peer.eof) or peer.lost or peer.transport is None or peer.transport.is_closing():
+                peer.send_eof()
+            # else both directions have ended and the peer is a securechan connection: the close in
+            # _maybe_finish sends its close_notify, with no separate TCP shutdown. A plain peer still
+            # gets its shutdown first: on a peer that reset after its EOF, that is what fails (ENOTCONN)
+            # and makes the relay report the reset instead of a clean end.
             relay._maybe_finish()
         return True  # keep the other direction open (half-close)
 

@@ -41,11 +41,9 @@ from ..errors import (
     HandshakeTimeoutError,
     ListenError,
     NameMismatchError,
-    SecureChannelError,
     TruncationError,
 )
 from ..protocol import SecureProtocol
-from ..streams import _connect as _secure_connect
 from . import proxyproto
 from .addresses import Address, connect
 from .relay import End, Relay
@@ -68,7 +66,25 @@ def _peer_text(peer: Any) -> str:
     return f"unix:{peer}" if peer else "unix peer"
 
 
-class _CountedProtocol(SecureProtocol):
+def _session_text(secure_end: End) -> tuple[str, str]:
+    """The verified server identity and the suite of a client tunnel's secure end, for its log line."""
+    secure = secure_end.transport
+    assert secure is not None
+    session = secure.get_extra_info("securechan")
+    cert = secure.get_extra_info("peercert")
+    identity = _identity(cert) if cert is not None else "pinned key"
+    return identity, session.suite + (" resumed" if session.resumed else "")
+
+
+class _TunnelProtocol(SecureProtocol):
+    """A tunnel's SecureProtocol: what :meth:`Tunnel.cut_now` can reset while it is still in the handshake."""
+
+    def abort(self) -> None:
+        if self._tcp is not None:
+            _reset(self._tcp)
+
+
+class _CountedProtocol(_TunnelProtocol):
     """The server tunnel's SecureProtocol: counts the socket from accept, refuses above the limit."""
 
     def __init__(self, tunnel: Tunnel, *args: Any) -> None:
@@ -90,9 +106,52 @@ class _CountedProtocol(SecureProtocol):
             self._tunnel._protocols.discard(self)
         super().connection_lost(exc)
 
-    def abort(self) -> None:
-        if self._tcp is not None:
-            _reset(self._tcp)
+
+class _ClientProtocol(_TunnelProtocol):
+    """The client tunnel's SecureProtocol: its handshake's end is a callback, not an awaited future.
+
+    Success starts the relay from inside ``connection_made`` (so the bytes the plain client
+    sent meanwhile leave with the handshake's last flight); every other end (a failure, a
+    reset, a cut) is reported to the tunnel exactly once, through :meth:`settle_failed`.
+    """
+
+    def __init__(self, tunnel: Tunnel, relay: Relay, peer: str, started: float, connection: Connection,
+                 timeout: float | None) -> None:
+        super().__init__(connection, lambda: relay.target, None, timeout)
+        self._tunnel = tunnel
+        self._relay = relay
+        self._peer_text = peer
+        self._started = started
+        self._settled = False
+        self.on_handshake_failed = lambda _proto, exc: self.settle_failed(tunnel._handshake_failure(exc))
+        relay.target.on_connected = self._ready
+
+    def _ready(self, end: End) -> None:
+        if self._settled:  # reported as failed already (cannot happen: a cut aborts the socket first)
+            end.abort()
+            return
+        try:
+            identity, suite = _session_text(end)
+        except Exception as exc:
+            # A defect, not the peer: the connection is not left paused with its slot taken.
+            self.settle_failed(f"internal error while starting the relay ({type(exc).__name__})")
+            asyncio.get_running_loop().call_exception_handler(
+                {"message": "exception while starting a tunnel relay", "exception": exc})
+            return
+        self._settled = True
+        self._tunnel._client_ready(self, self._relay, self._peer_text, identity, suite, self._started)
+
+    def settle_failed(self, why: str) -> None:
+        """The connection will not be relayed: stop the relay, log ``why``, free the slot (once)."""
+        if self._settled:
+            return
+        self._settled = True
+        self._tunnel._client_failed(self, self._relay, self._peer_text, self._started, why)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        # Lost in the handshake without a reported failure: this tunnel cut it (cut_now).
+        self.settle_failed(self._relay.reason or "securechan connection closed during the handshake")
 
 
 class Tunnel:
@@ -110,7 +169,8 @@ class Tunnel:
         self.relays: set[Relay] = set()
         self.connecting: set[Relay] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._protocols: set[_CountedProtocol] = set()
+        #: Server connections (all, from accept) and client connections in their handshake.
+        self._protocols: set[_TunnelProtocol] = set()
         self._closing = False
         self._hurry = False
         #: Totals since start, for the shutdown line and for tests.
@@ -205,11 +265,11 @@ class Tunnel:
         """
         cut = self.open_count
         self.cut_now(reason)
-        # Tasks are connections still being set up; a running relay has no task, and it is
-        # logged (and leaves ``relays``) once both of its connections are gone.
+        # Connections still being set up (a target connect, a handshake) and running relays are
+        # logged and leave their sets once their connections are gone; no task waits on them.
         loop = asyncio.get_running_loop()
         end = loop.time() + 1
-        while (self._tasks or self.relays) and loop.time() < end:
+        while (self._tasks or self.relays or self.connecting) and loop.time() < end:
             await asyncio.sleep(0.005)
             self.cut_now(reason)  # a relay that got its second connection while being cut
         if self._tasks:
@@ -388,52 +448,54 @@ class Tunnel:
             self._spawn(self._serve_plain(end.relay))
 
     async def _serve_plain(self, relay: Relay) -> None:
-        self.connecting.add(relay)
-        ready = None
-        try:
-            ready = await self._relay_plain(relay)
-        finally:
-            self.connecting.discard(relay)
-            if ready is None:
-                self._release()
-        if ready is not None:  # from here the relay owns the connection slot: it releases it when it ends
-            self._start_relay(relay, *ready, release=True)
-
-    async def _relay_plain(self, relay: Relay) -> tuple[str, str, str, float] | None:
-        """Connect over securechan; what the relay's log line needs, or None if that failed (logged)."""
-        spec, loop = self.spec, asyncio.get_running_loop()
-        started = loop.time()
-        plain = relay.client.transport
-        assert plain is not None and self._client_config is not None
-        peer = _peer_text(plain.get_extra_info("peername"))
+        """Make the TCP connection to the server tunnel; the handshake and the relay go on in callbacks."""
+        spec, cfg = self.spec, self._client_config
+        assert cfg is not None and relay.client.transport is not None
+        started = asyncio.get_running_loop().time()
+        peer = _peer_text(relay.client.transport.get_extra_info("peername"))
         target, name = spec.target, spec.effective_server_name
         try:
-            secure, _ = await _secure_connect(
-                lambda factory: connect(target, factory, spec.connect_timeout, spec.connect_retries,
-                                        spec.retry_delay),
-                lambda: relay.target, self._client_config, name, None,
-                (target.path or target.host, target.port, name),
+            proto = _ClientProtocol(
+                self, relay, peer, started,
+                Connection(cfg, server_name=name, resume_key=(target.path or target.host, target.port, name)),
+                cfg.handshake_timeout,
             )
-        except SecureChannelError as exc:  # before OSError: TruncationError is both
-            relay.stop("securechan connection failed")
-            self._log_end(peer, "-", "-", None, self._handshake_failure(exc), started, failed=True)
-            return None
+        except Exception as exc:
+            self._client_failed(None, relay, peer, started,
+                                f"cannot start a securechan connection ({type(exc).__name__}: {exc})")
+            raise
+        self.connecting.add(relay)
+        self._protocols.add(proto)
+        try:
+            await connect(target, lambda: proto, spec.connect_timeout, spec.connect_retries, spec.retry_delay)
         except OSError as exc:
-            relay.stop("securechan connection failed")
-            self._log_end(peer, "-", "-", None, _target_failure(target, spec.connect_timeout, exc),
-                          started, failed=True)
-            return None
+            proto.settle_failed(_target_failure(target, spec.connect_timeout, exc))
         except BaseException:
             relay.stop("cancelled")
-            self._log_end(peer, "-", "-", None, relay.reason or "cancelled", started, failed=True)
+            if proto._tcp is not None:
+                proto.abort()  # its connection_lost reports the cut
+            else:
+                proto.settle_failed(relay.reason or "cancelled")
             raise
-        session = secure.get_extra_info("securechan")
-        cert = secure.get_extra_info("peercert")
-        identity = _identity(cert) if cert is not None else "pinned key"
-        suite = session.suite + (" resumed" if session.resumed else "")
-        return peer, identity, suite, started
 
-    def _handshake_failure(self, exc: SecureChannelError) -> str:
+    def _client_ready(self, proto: _ClientProtocol, relay: Relay, peer: str, identity: str, suite: str,
+                      started: float) -> None:
+        """The handshake completed (inside its ``connection_made``): relay at once."""
+        self.connecting.discard(relay)
+        self._protocols.discard(proto)
+        # From here the relay owns the connection slot: it releases it when it ends.
+        self._start_relay(relay, peer, identity, suite, started, release=True)
+
+    def _client_failed(self, proto: _ClientProtocol | None, relay: Relay, peer: str, started: float,
+                       why: str) -> None:
+        self.connecting.discard(relay)
+        if proto is not None:
+            self._protocols.discard(proto)
+        relay.stop("securechan connection failed")
+        self._release()
+        self._log_end(peer, "-", "-", None, why, started, failed=True)
+
+    def _handshake_failure(self, exc: BaseException) -> str:
         spec = self.spec
         where = f"securechan handshake with {spec.target} failed"
         if isinstance(exc, NameMismatchError):
