@@ -13,6 +13,17 @@ import securechan
 from securechan.frames import HEADER_LEN
 
 
+def frame_types(data: bytes) -> list[int]:
+    """The frame types of a run of whole frames, in order (asserting it is exactly whole frames)."""
+    types, pos = [], 0
+    while pos < len(data):
+        assert data[pos] == 0x92 and data[pos + 2] == 0xC6, "not at a frame head"
+        types.append(data[pos + 1])
+        pos += HEADER_LEN + int.from_bytes(data[pos + 3 : pos + 7], "big")
+    assert pos == len(data), "a partial frame at the end"
+    return types
+
+
 async def read_frame(reader: asyncio.StreamReader) -> bytes:
     head = await reader.readexactly(HEADER_LEN)
     return head + await reader.readexactly(int.from_bytes(head[3:7], "big"))

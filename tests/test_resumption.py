@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rawpeer import frame_types
 
 import securechan
 from securechan import pki
@@ -636,15 +637,6 @@ def test_client_may_not_send_tickets(pki_dir) -> None:
         server.receive_data(record)
 
 
-def _frame_types(data: bytes) -> list[int]:
-    types, pos = [], 0
-    while pos < len(data):
-        types.append(data[pos + 1])
-        pos += 7 + int.from_bytes(data[pos + 3 : pos + 7], "big")
-    assert pos == len(data)
-    return types
-
-
 def _resumable_pair(pki_dir) -> tuple[securechan.ClientConfig, securechan.ServerConfig]:
     """Configs after one full handshake over the sans-IO connection: the client holds one ticket."""
     client_cfg, server_cfg = pki_dir.client_config(), pki_dir.server_config()
@@ -665,7 +657,7 @@ def test_a_resumed_servers_first_flight_carries_the_ticket(pki_dir) -> None:
     server = Connection(server_cfg)
     server.receive_data(client.data_to_send())
     flight = server.data_to_send()
-    assert _frame_types(flight) == [FrameType.HANDSHAKE, FrameType.HANDSHAKE, FrameType.CONTROL]
+    assert frame_types(flight) == [FrameType.HANDSHAKE, FrameType.HANDSHAKE, FrameType.CONTROL]
     # Nothing else may be sent before the client's Finished verified: no 0.5-RTT application data.
     assert not server.handshake_complete and not server.can_send and server.session is None
     with pytest.raises(securechan.ConnectionClosedError, match="before the handshake"):
@@ -701,7 +693,7 @@ def test_a_resumed_handshake_failing_at_the_clients_finished_sends_a_plaintext_a
             with pytest.raises(securechan.HandshakeAuthError, match="resumed handshake"):
                 server.receive_data(bytes(fin))
         out = server.data_to_send()
-        assert _frame_types(out) == [FrameType.ALERT]  # not a protected record
+        assert frame_types(out) == [FrameType.ALERT]  # not a protected record
         assert server._sealer._aead is None and server._opener is not None and server._opener._aead is None
         assert server._hs is None and server._pending_session is None and server.session is None
         if how != "tampered finished":

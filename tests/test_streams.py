@@ -10,6 +10,7 @@ import hashlib
 import os
 
 import pytest
+from rawpeer import frame_types
 
 import securechan
 
@@ -346,15 +347,6 @@ class _WriteLog:
         return getattr(self._transport, name)
 
 
-def _frame_types(data: bytes) -> list[int]:
-    types, pos = [], 0
-    while pos < len(data):
-        assert data[pos] == 0x92 and data[pos + 2] == 0xC6
-        types.append(data[pos + 1])
-        pos += 7 + int.from_bytes(data[pos + 3 : pos + 7], "big")
-    return types
-
-
 async def test_a_resumed_clients_finished_leaves_with_what_connection_made_writes(serve, pki_dir) -> None:
     """The read that completes a resumed handshake: the client's Finished and the request its application
     writes in connection_made go out in one write (one system call, one segment), Finished first."""
@@ -396,7 +388,7 @@ async def test_a_resumed_clients_finished_leaves_with_what_connection_made_write
         await waiter
         assert await asyncio.wait_for(answer, 10) == b"request"
         assert proto.app_transport is not None and proto.app_transport.get_extra_info("securechan").resumed
-        assert [_frame_types(c) for c in calls] == [
+        assert [frame_types(c) for c in calls] == [
             [FrameType.HANDSHAKE],  # ClientHello
             [FrameType.HANDSHAKE, FrameType.APPLICATION_DATA],  # Finished + the request, one write
         ]
