@@ -600,7 +600,7 @@ class Connection:
             suite=int(sealer.suite),
             server_name=session.server_name,
             client_chain=self._peer_der,
-        ))
+        ), self._entropy)
         if ticket is not None:
             message = NewTicket(ticket=ticket, lifetime=max(1, int(tickets.lifetime)), nonce=nonce)
             self._out.append(sealer.seal(FrameType.CONTROL, pack_map(message.encode())))

@@ -401,8 +401,11 @@ class ServerTickets(_Counted):
     def clock(self, value: Callable[[], float]) -> None:
         self.ring.clock = value
 
-    def seal(self, contents: TicketContents) -> bytes | None:
-        """Seal a ticket (stamped with issue and expiry time); None when it would exceed the size limit."""
+    def seal(self, contents: TicketContents, entropy: Callable[[int], bytes] = os.urandom) -> bytes | None:
+        """Seal a ticket (stamped with issue and expiry time); None when it would exceed the size limit.
+
+        ``entropy`` draws the ticket's salt: the connection's source, which tests pin for vectors.
+        """
         now_ms = int(self.clock() * 1000)
         stamped = TicketContents(
             contents.psk, contents.version, contents.suite, contents.server_name, contents.client_chain,
@@ -414,7 +417,7 @@ class ServerTickets(_Counted):
             return None
         key = self.ring.current()[0]
         head = bytes([TICKET_FORMAT]) + key.key_id
-        salt = os.urandom(SALT_LEN)
+        salt = entropy(SALT_LEN)
         ticket = head + salt + key.seal(salt, plaintext, head)
         with self._lock:
             self.stats.tickets += 1
