@@ -170,7 +170,7 @@ class Connection:
         "_buf", "_clock", "_end", "_entropy", "_error_raised", "_exporter_secret", "_handshake_done", "_hs",
         "_live_sealer", "_need", "_opener", "_out", "_peer_der", "_pending_session", "_recv_closed", "_recv_limits",
         "_rekey_bytes", "_rekey_records", "_resume_key", "_sealer", "_send_closed", "_send_limit", "_start",
-        "_update_at", "config", "error", "resumption_secret", "role", "session", "state",
+        "_update_at", "_view", "config", "error", "holds_large_buffer", "resumption_secret", "role", "session", "state",
     )
 
     def __init__(
@@ -190,6 +190,11 @@ class Connection:
         self._update_at: float | None = None  # clock reading when the sending key is due for an update
         self._out: list[bytes | bytearray] = []
         self._buf: bytearray | mmap.mmap = bytearray(_SMALL_BUFFER)
+        #: A view of all of ``_buf``, made once per buffer: what ``get_buffer`` hands out when it is empty.
+        self._view = memoryview(self._buf)
+        #: The receive buffer grew past its small size for a large record or a burst (an
+        #: attribute, not a property: the I/O layer reads it after every read).
+        self.holds_large_buffer = False
         self._start = 0
         self._end = 0
         self._need = 0  # size of the frame being assembled, once its head is validated
@@ -361,9 +366,13 @@ class Connection:
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """A writable view to receive into; follow with :meth:`buffer_updated`."""
-        if len(self._buf) - self._end < _MIN_FREE or self._need > len(self._buf) - self._start:
+        end = self._end
+        if end == 0:
+            # Nothing pending (so no frame awaits its body): the whole buffer, as one view made once.
+            return self._view
+        if len(self._buf) - end < _MIN_FREE or self._need > len(self._buf) - self._start:
             self._make_room()
-        return memoryview(self._buf)[self._end :]
+        return self._view[self._end :]
 
     def _make_room(self) -> None:
         buf, start, end = self._buf, self._start, self._end
@@ -379,18 +388,15 @@ class Connection:
             # to the OS at once (a heap block would stay in the process after a burst).
             new = mmap.mmap(-1, size)
             new[:pending] = memoryview(buf)[start:end]
-            self._buf = new
+            self._buf, self._view, self.holds_large_buffer = new, memoryview(new), True
         self._start, self._end = 0, pending
-
-    @property
-    def holds_large_buffer(self) -> bool:
-        return len(self._buf) > _SMALL_BUFFER
 
     def release_buffer(self) -> None:
         """Shrink the receive buffer to its small size if it holds no pending bytes (idle connection)."""
-        if self._start == self._end and len(self._buf) > _SMALL_BUFFER:
+        if self._start == self._end and self.holds_large_buffer:
             self._start = self._end = 0
             self._buf = bytearray(_SMALL_BUFFER)
+            self._view, self.holds_large_buffer = memoryview(self._buf), False
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed bytes from the transport; returns the events they complete."""

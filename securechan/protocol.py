@@ -37,7 +37,7 @@ from typing import Any, cast
 
 from .connection import Connection
 from .errors import ConnectionClosedError, HandshakeTimeoutError, SecureChannelError, TruncationError
-from .events import DataReceived, HandshakeComplete, KeysUpdated, PeerClosed, SessionInfo
+from .events import DataReceived, HandshakeComplete, PeerClosed, SessionInfo
 
 log = logging.getLogger("securechan")
 
@@ -74,6 +74,8 @@ class SecureProtocol(asyncio.BufferedProtocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         #: Output held back while the handshake completes (see buffer_updated), else None.
         self._cork: list[bytes] | None = None
+        # The event loop reads into the connection's buffer directly (no call of ours in between).
+        self.get_buffer = connection.get_buffer  # type: ignore[method-assign]
 
     # -- asyncio.BaseProtocol -------------------------------------------------------------
 
@@ -86,33 +88,46 @@ class SecureProtocol(asyncio.BufferedProtocol):
         self._flush()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._conn.get_buffer(sizehint)
+        return self._conn.get_buffer(sizehint)  # replaced per instance by the connection's own (__init__)
 
     def buffer_updated(self, nbytes: int) -> None:
+        # Runs for every read: the calls it makes are the ones it needs (see benchmarks/README.md).
         if self._error is not None:
             return  # already failed; the transport is closing
+        conn = self._conn
         try:
-            events = self._conn.buffer_updated(nbytes)
+            events = conn.buffer_updated(nbytes)
         except SecureChannelError as exc:
             self._fatal(exc)
             return
+        app, transport = self.app_protocol, self.app_transport
         # The read that completes the handshake: our last handshake flight and whatever the
         # application writes from connection_made (a relay's buffered bytes, a request) leave
         # in one write instead of one each.
-        corked = self.app_transport is None and self._conn.handshake_complete
+        corked = transport is None and conn.handshake_complete
         if corked:
             self._cork = []
         try:
-            self._flush()
-            self._handle(events)
+            if conn._out:  # a handshake flight, a key update's answer, an alert: rare once established
+                self._flush()
+            for event in events:
+                if type(event) is DataReceived:
+                    if app is not None and transport is not None and not transport._closed:
+                        app.data_received(event.data)  # type: ignore[attr-defined]
+                elif isinstance(event, HandshakeComplete):
+                    self._on_handshake_complete(event.session)
+                    app, transport = self.app_protocol, self.app_transport
+                elif isinstance(event, PeerClosed):
+                    self._on_peer_closed()
+                # KeysUpdated: logged by the connection at debug level
         finally:
             if corked:
                 self._uncork()
-        if self._conn.error is not None:
-            self._fatal(self._conn.error)
+        if conn.error is not None:
+            self._fatal(conn.error)
             return
         self._reads += 1
-        if self._idle_timer is None and self._tcp is not None and self._conn.holds_large_buffer:
+        if self._idle_timer is None and conn.holds_large_buffer and self._tcp is not None:
             self._arm_idle_release()
 
     def _arm_idle_release(self) -> None:
@@ -126,20 +141,6 @@ class SecureProtocol(asyncio.BufferedProtocol):
             self._arm_idle_release()
         else:
             self._conn.release_buffer()
-
-    def _handle(self, events: list[Any]) -> None:
-        app = self.app_protocol
-        for event in events:
-            if type(event) is DataReceived:
-                if app is not None and self.app_transport is not None and not self.app_transport._closed:
-                    app.data_received(event.data)  # type: ignore[attr-defined]
-            elif isinstance(event, HandshakeComplete):
-                self._on_handshake_complete(event.session)
-                app = self.app_protocol
-            elif isinstance(event, PeerClosed):
-                self._on_peer_closed()
-            elif isinstance(event, KeysUpdated):
-                pass  # logged by the connection at debug level
 
     def eof_received(self) -> bool:
         try:
@@ -276,18 +277,6 @@ class SecureProtocol(asyncio.BufferedProtocol):
 
     # -- called by SecureTransport ------------------------------------------------------
 
-    def _app_write(self, data: bytes | bytearray | memoryview) -> None:
-        tcp = self._tcp
-        if tcp is None or self._error is not None or self._conn.error is not None:
-            # The connection is gone (or failed after the records being delivered now);
-            # as with asyncio transports, drop the write: drain()/read() report why.
-            return
-        parts = self._conn.seal_parts(data)
-        if self._cork is not None:
-            self._cork.extend(parts)
-        else:
-            tcp.writelines(parts)
-
     def _app_write_eof(self) -> None:
         if self._conn.send_closed:
             return
@@ -348,7 +337,17 @@ class SecureTransport(asyncio.Transport):
             raise ConnectionClosedError("cannot write after write_eof()/close(): close_notify was already sent")
         if self._closed:
             return  # lost connection: as asyncio does, drop; drain() raises the cause
-        self._proto._app_write(data)
+        proto = self._proto
+        tcp = proto._tcp
+        if tcp is None or proto._error is not None or self._conn.error is not None:
+            # The connection is gone (or failed after the records being delivered now);
+            # as with asyncio transports, drop the write: drain()/read() report why.
+            return
+        parts = self._conn.seal_parts(data)
+        if proto._cork is not None:
+            proto._cork.extend(parts)
+        else:
+            tcp.writelines(parts)
 
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))

@@ -7,6 +7,8 @@ import asyncio
 import os
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import securechan
 from securechan import Connection, protocol
@@ -51,6 +53,38 @@ def test_release_keeps_a_pending_frame_tail(pki_dir) -> None:
     assert not server.holds_large_buffer
     # the small buffer grows again for the next burst
     assert _data(server.receive_data(bytes(client.seal(payload)))) == payload
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=90_000), min_size=1, max_size=6),
+    reads=st.lists(st.integers(min_value=1, max_value=300_000), min_size=1, max_size=40),
+    release_every=st.integers(min_value=1, max_value=5),
+)
+def test_reads_through_get_buffer_like_a_socket(pki_dir, sizes, reads, release_every) -> None:
+    """The event loop's way in: ``get_buffer``, a read of up to the whole view, ``buffer_updated``.
+
+    Reads fill as much of the offered view as the chunk allows (a full view included), the
+    buffer grows for large records and is released between bursts; every byte arrives, in order.
+    """
+    client, server = _pair(pki_dir)
+    payloads = [os.urandom(n) for n in sizes]
+    wire = memoryview(b"".join(bytes(client.seal(p)) for p in payloads))
+    got, i, pos = [], 0, 0
+    while pos < len(wire):
+        view = server.get_buffer(-1)
+        assert len(view) >= 1
+        n = min(len(view), reads[i % len(reads)], len(wire) - pos)
+        view[:n] = wire[pos : pos + n]
+        pos += n
+        i += 1
+        got.append(_data(server.buffer_updated(n)))
+        if i % release_every == 0:
+            server.release_buffer()  # as the idle timer would; a pending frame tail must survive it
+    assert b"".join(got) == b"".join(payloads)
+    server.release_buffer()
+    assert not server.holds_large_buffer
+    assert server.get_buffer(-1) is server.get_buffer(-1)  # empty: one view, made once per buffer
 
 
 @pytest.mark.parametrize(
