@@ -155,7 +155,10 @@ class Connection:
     """One securechan connection, client or server, chosen by the type of ``config``.
 
     ``server_name`` (client only) is the name the server certificate must carry.
-    ``entropy`` supplies every random byte the handshake draws (tests pin it for vectors).
+    ``entropy`` supplies every random byte the handshake draws (tests pin it for vectors),
+    except a session ticket's salt, which comes from the server's ticket keys
+    (``ServerTickets.salt_source``): a connection must never be able to repeat salts under a
+    ticket key that other connections and servers share.
     ``resume_key`` (client only) names the session-ticket cache entry, normally
     (host, port, server_name); the default is (None, None, server_name).
     ``clock`` (monotonic seconds) is read only for ``key_update_interval``: once per record
@@ -365,10 +368,21 @@ class Connection:
     # -- input --------------------------------------------------------------------------
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
-        """A writable view to receive into; follow with :meth:`buffer_updated`."""
+        """A writable view to receive into; follow with :meth:`buffer_updated`.
+
+        Each call returns a new view, which the caller may release (``with`` or ``release()``).
+        """
+        return self._loop_buffer(sizehint)[:]
+
+    def _loop_buffer(self, sizehint: int = -1) -> memoryview:
+        """``get_buffer`` for the event loop, which :class:`~securechan.protocol.SecureProtocol` hands it.
+
+        With nothing pending (so no frame awaits its body) this is the whole buffer, as the one
+        view made per buffer: no allocation per read. The loop never releases what it is given;
+        other callers use :meth:`get_buffer`.
+        """
         end = self._end
         if end == 0:
-            # Nothing pending (so no frame awaits its body): the whole buffer, as one view made once.
             return self._view
         if len(self._buf) - end < _MIN_FREE or self._need > len(self._buf) - self._start:
             self._make_room()
@@ -405,7 +419,7 @@ class Connection:
         view = memoryview(data).cast("B")
         events: list[Event] = []
         while view:
-            target = self.get_buffer(len(view))
+            target = self._loop_buffer(len(view))
             n = min(len(target), len(view))
             target[:n] = view[:n]
             view = view[n:]
@@ -606,7 +620,7 @@ class Connection:
             suite=int(sealer.suite),
             server_name=session.server_name,
             client_chain=self._peer_der,
-        ), self._entropy)
+        ))
         if ticket is not None:
             message = NewTicket(ticket=ticket, lifetime=max(1, int(tickets.lifetime)), nonce=nonce)
             self._out.append(sealer.seal(FrameType.CONTROL, pack_map(message.encode())))

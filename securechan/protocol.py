@@ -74,8 +74,9 @@ class SecureProtocol(asyncio.BufferedProtocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         #: Output held back while the handshake completes (see buffer_updated), else None.
         self._cork: list[bytes] | None = None
-        # The event loop reads into the connection's buffer directly (no call of ours in between).
-        self.get_buffer = connection.get_buffer  # type: ignore[method-assign]
+        if type(self).get_buffer is SecureProtocol.get_buffer:
+            # The event loop reads into the connection's buffer directly (no call of ours in between).
+            self.get_buffer = connection._loop_buffer  # type: ignore[method-assign]
 
     # -- asyncio.BaseProtocol -------------------------------------------------------------
 
@@ -88,7 +89,7 @@ class SecureProtocol(asyncio.BufferedProtocol):
         self._flush()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._conn.get_buffer(sizehint)  # replaced per instance by the connection's own (__init__)
+        return self._conn._loop_buffer(sizehint)  # replaced per instance by the connection's own (__init__)
 
     def buffer_updated(self, nbytes: int) -> None:
         # Runs for every read: the calls it makes are the ones it needs (see benchmarks/README.md).

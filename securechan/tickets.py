@@ -55,7 +55,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .errors import ConfigError, DecodeError
+from .errors import ConfigError, DecodeError, InternalError
 from .frames import unpack_map
 from .keyschedule import expand_label
 from .messages import MAX_TICKET_LEN
@@ -387,6 +387,10 @@ class ServerTickets(_Counted):
         self.lifetime = lifetime
         self.single_use = single_use
         self.ring = TicketKeyRing(rotation=rotation, key_file=key_file, clock=clock)
+        #: Where ticket salts come from. Per ticket key ring, not per connection: a connection's
+        #: pinned test entropy must never repeat salts under a key other servers share.
+        #: Replaceable for test vectors only.
+        self.salt_source: Callable[[int], bytes] = os.urandom
         self.stats = SessionStats()
         self._lock = threading.Lock()
         self._seen: dict[bytes, int] = {}
@@ -401,11 +405,8 @@ class ServerTickets(_Counted):
     def clock(self, value: Callable[[], float]) -> None:
         self.ring.clock = value
 
-    def seal(self, contents: TicketContents, entropy: Callable[[int], bytes] = os.urandom) -> bytes | None:
-        """Seal a ticket (stamped with issue and expiry time); None when it would exceed the size limit.
-
-        ``entropy`` draws the ticket's salt: the connection's source, which tests pin for vectors.
-        """
+    def seal(self, contents: TicketContents) -> bytes | None:
+        """Seal a ticket (stamped with issue and expiry time); None when it would exceed the size limit."""
         now_ms = int(self.clock() * 1000)
         stamped = TicketContents(
             contents.psk, contents.version, contents.suite, contents.server_name, contents.client_chain,
@@ -417,7 +418,10 @@ class ServerTickets(_Counted):
             return None
         key = self.ring.current()[0]
         head = bytes([TICKET_FORMAT]) + key.key_id
-        salt = entropy(SALT_LEN)
+        # The salt alone makes each ticket's AES key its own (the nonce is fixed): it must never repeat.
+        salt = self.salt_source(SALT_LEN)
+        if len(salt) != SALT_LEN:
+            raise InternalError("the ticket salt source returned the wrong number of bytes")
         ticket = head + salt + key.seal(salt, plaintext, head)
         with self._lock:
             self.stats.tickets += 1

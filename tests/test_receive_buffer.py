@@ -60,20 +60,24 @@ def test_release_keeps_a_pending_frame_tail(pki_dir) -> None:
     sizes=st.lists(st.integers(min_value=1, max_value=90_000), min_size=1, max_size=6),
     reads=st.lists(st.integers(min_value=1, max_value=300_000), min_size=1, max_size=40),
     release_every=st.integers(min_value=1, max_value=5),
+    loop_path=st.booleans(),
 )
-def test_reads_through_get_buffer_like_a_socket(pki_dir, sizes, reads, release_every) -> None:
-    """The event loop's way in: ``get_buffer``, a read of up to the whole view, ``buffer_updated``.
+def test_reads_through_get_buffer_like_a_socket(pki_dir, sizes, reads, release_every, loop_path) -> None:
+    """The event loop's way in: a buffer from the connection, a read of up to all of it, ``buffer_updated``.
 
     Reads fill as much of the offered view as the chunk allows (a full view included), the
-    buffer grows for large records and is released between bursts; every byte arrives, in order.
+    buffer grows for large records and is released between bursts; every byte arrives, in order,
+    and every view is of the buffer the connection reads from. Both ways in: the event loop's
+    (``SecureProtocol`` hands it ``_loop_buffer``) and the public ``get_buffer``.
     """
     client, server = _pair(pki_dir)
+    get = server._loop_buffer if loop_path else server.get_buffer
     payloads = [os.urandom(n) for n in sizes]
     wire = memoryview(b"".join(bytes(client.seal(p)) for p in payloads))
     got, i, pos = [], 0, 0
     while pos < len(wire):
-        view = server.get_buffer(-1)
-        assert len(view) >= 1
+        view = get(-1)
+        assert len(view) >= 1 and view.obj is server._buf
         n = min(len(view), reads[i % len(reads)], len(wire) - pos)
         view[:n] = wire[pos : pos + n]
         pos += n
@@ -82,9 +86,33 @@ def test_reads_through_get_buffer_like_a_socket(pki_dir, sizes, reads, release_e
         if i % release_every == 0:
             server.release_buffer()  # as the idle timer would; a pending frame tail must survive it
     assert b"".join(got) == b"".join(payloads)
-    server.release_buffer()
-    assert not server.holds_large_buffer
-    assert server.get_buffer(-1) is server.get_buffer(-1)  # empty: one view, made once per buffer
+
+
+def test_buffer_views_follow_growth_and_release(pki_dir) -> None:
+    """A large record grows the buffer, release_buffer shrinks it between records: each view
+    handed out afterwards is of the current buffer, and a released public view harms nothing."""
+    client, server = _pair(pki_dir)
+    for getter in (server._loop_buffer, server.get_buffer):
+        for payload in (os.urandom(100_000), b"small", os.urandom(40_000)):
+            wire = memoryview(bytes(client.seal(payload)))
+            got, pos = b"", 0
+            while pos < len(wire):
+                view = getter(-1)
+                assert view.obj is server._buf
+                n = min(len(view), len(wire) - pos)
+                view[:n] = wire[pos : pos + n]
+                pos += n
+                got += _data(server.buffer_updated(n))
+            assert got == payload
+            assert server.holds_large_buffer == (len(payload) > 16 * 1024)
+            server.release_buffer()
+            assert not server.holds_large_buffer
+    with server.get_buffer() as view:  # a caller may release what get_buffer gave it
+        wire = bytes(client.seal(b"after a released view"))
+        view[: len(wire)] = wire
+    assert _data(server.buffer_updated(len(wire))) == b"after a released view"
+    assert server._loop_buffer(-1) is server._loop_buffer(-1)  # empty: the loop's view is made once per buffer
+    assert _data(server.receive_data(client.seal(b"and then"))) == b"and then"
 
 
 @pytest.mark.parametrize(
@@ -134,3 +162,19 @@ async def test_grown_buffer_is_released_once_idle(serve, server_config, client_c
     assert not conn.holds_large_buffer
     writer.close()
     await writer.wait_closed()
+
+
+def test_protocol_hands_the_loop_the_connections_buffer_unless_overridden(pki_dir) -> None:
+    conn = Connection(pki_dir.server_config())
+    proto = protocol.SecureProtocol(conn, asyncio.Protocol, None, None)
+    assert proto.get_buffer == conn._loop_buffer  # the loop calls the connection directly
+
+    seen: list[int] = []
+
+    class Custom(protocol.SecureProtocol):
+        def get_buffer(self, sizehint: int) -> memoryview:
+            seen.append(sizehint)
+            return super().get_buffer(sizehint)
+
+    custom = Custom(Connection(pki_dir.server_config()), asyncio.Protocol, None, None)
+    assert len(custom.get_buffer(-1)) > 0 and seen == [-1]  # a subclass's override is kept

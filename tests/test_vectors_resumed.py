@@ -111,12 +111,13 @@ def server_config(tmp_path) -> securechan.ServerConfig:
     )
     assert config._tickets is not None
     config._tickets.clock = lambda: IN["server_clock_ms"] / 1000
+    config._tickets.salt_source = entropy_from(IN["new_ticket_salt"])
     return config
 
 
 def test_server_reproduces_the_resumed_transcript(server_config) -> None:
     server = securechan.Connection(server_config, entropy=entropy_from(
-        IN["server_x25519_private"], IN["server_random"], IN["new_ticket_nonce"], IN["new_ticket_salt"]
+        IN["server_x25519_private"], IN["server_random"], IN["new_ticket_nonce"]
     ))
     assert server.receive_data(FR["resumed_client_hello"]) == []
     # One flight: ServerHello, Finished and the ticket (docs/PROTOCOL.md §13.3, §13.4).
@@ -151,3 +152,27 @@ def test_client_reproduces_the_resumed_transcript() -> None:
     # The ticket for the next connection, with the PSK the vector derives.
     (cached,) = config._session_cache.peek(CACHE_KEY)
     assert (cached.ticket, cached.psk) == (KS["new_ticket"], KS["new_ticket_psk"])
+
+
+def test_pinned_connection_entropy_never_repeats_ticket_salts(server_config) -> None:
+    """A ticket's salt is all that makes its AES key its own under a shared ticket key: it comes from
+    the ticket keys' source, never from a connection's entropy, even one pinned to repeat itself."""
+    server_config._tickets.salt_source = os.urandom
+    tickets = []
+    for _ in range(2):
+        server = securechan.Connection(server_config, entropy=entropy_from(
+            IN["server_x25519_private"], IN["server_random"], IN["new_ticket_nonce"]
+        ))
+        server.receive_data(FR["resumed_client_hello"])
+        record = server.data_to_send()[len(FR["resumed_server_hello"]) + len(FR["resumed_server_finished"]):]
+        opened = securechan.record.Opener(securechan.suites.Suite.AES_256_GCM, KS["resumed_s_ap_traffic"]).open(
+            record[:HEADER_LEN], memoryview(record)[HEADER_LEN:]
+        )
+        tickets.append(msgpack.unpackb(opened)["ticket"])
+    assert tickets[0][9:25] != tickets[1][9:25]  # same connection entropy, different salts
+    server_config._tickets.salt_source = lambda n: bytes(n - 1)
+    server = securechan.Connection(server_config, entropy=entropy_from(
+        IN["server_x25519_private"], IN["server_random"], IN["new_ticket_nonce"]
+    ))
+    with pytest.raises(securechan.SecureChannelError, match="salt"):
+        server.receive_data(FR["resumed_client_hello"])
