@@ -58,6 +58,32 @@ def x25519_pub(private: bytes) -> bytes:
     )
 
 
+def hellos(inputs: dict[str, bytes], **extra: Any) -> tuple[ClientHello, ServerHello]:
+    """The vectors' ClientHello and ServerHello (AES-256-GCM, 'localhost', 64 KiB records);
+    ``extra`` holds the ServerHello fields that differ (certificates, or resumed)."""
+    accept_tickets = bool(extra.get("resumed"))
+    ch = ClientHello(
+        versions=(1,),
+        random=inputs["client_random"],
+        suites=(1, 2, 3),
+        key_wraps=(1,),
+        x25519=x25519_pub(inputs["client_x25519_private"]),
+        max_record=65536,
+        server_name="localhost",
+        accept_tickets=accept_tickets,
+    )
+    sh = ServerHello(
+        version=1,
+        random=inputs["server_random"],
+        suite=1,
+        key_wrap=1,
+        x25519=x25519_pub(inputs["server_x25519_private"]),
+        max_record=65536,
+        **extra,
+    )
+    return ch, sh
+
+
 def main() -> None:
     old: dict[str, Any] = json.loads(OUT.read_text()) if OUT.exists() else {}
     if old:
@@ -78,24 +104,7 @@ def main() -> None:
         "server_random": fixed("server random"),
         "server_x25519_private": fixed("server x25519"),
     }
-    ch = ClientHello(
-        versions=(1,),
-        random=inputs["client_random"],
-        suites=(1, 2, 3),
-        key_wraps=(1,),
-        x25519=x25519_pub(inputs["client_x25519_private"]),
-        max_record=65536,
-        server_name="localhost",
-    )
-    sh = ServerHello(
-        version=1,
-        random=inputs["server_random"],
-        suite=1,
-        key_wrap=1,
-        x25519=x25519_pub(inputs["server_x25519_private"]),
-        max_record=65536,
-        certificates=(cert_der,),
-    )
+    ch, sh = hellos(inputs, certificates=(cert_der,))
     wrapped = (
         bytes.fromhex(old["inputs"]["wrapped_key"]) if old else key.public_key().encrypt(inputs["wrap_secret"], OAEP)
     )  # type: ignore[union-attr]
@@ -198,29 +207,12 @@ def resumed() -> None:
     }
     psk = expand_label(inputs["resumption_secret"], b"ticket psk", inputs["first_ticket_nonce"], 32)
     ticket = seal_ticket(inputs["ticket_key_secret"], inputs["first_ticket_salt"], psk, FIRST_ISSUED_MS)
-    hello = ClientHello(
-        versions=(1,),
-        random=inputs["client_random"],
-        suites=(1, 2, 3),
-        key_wraps=(1,),
-        x25519=x25519_pub(inputs["client_x25519_private"]),
-        max_record=65536,
-        server_name="localhost",
-        accept_tickets=True,
-    )
+    hello, server_hello = hellos(inputs, resumed=True)
     partial = encode_frame(FrameType.HANDSHAKE, pack_map(hello.with_ticket(ticket, bytes(32)).encode()))[:-32]
     binder_key = expand_label(extract(SALT_BINDER, psk), b"res binder", b"", 32)
     binder = hmac.digest(binder_key, hashlib.sha256(partial).digest(), "sha256")
     ch_f = partial + binder
-    sh_f = handshake_frame(ServerHello(
-        version=1,
-        random=inputs["server_random"],
-        suite=1,
-        key_wrap=1,
-        x25519=x25519_pub(inputs["server_x25519_private"]),
-        max_record=65536,
-        resumed=True,
-    ))
+    sh_f = handshake_frame(server_hello)
     dhe = x25519.X25519PrivateKey.from_private_bytes(inputs["client_x25519_private"]).exchange(
         x25519.X25519PublicKey.from_public_bytes(x25519_pub(inputs["server_x25519_private"]))
     )
