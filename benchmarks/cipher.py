@@ -2,8 +2,9 @@
 
 Two in-memory :class:`securechan.Connection` objects complete a real handshake, then the
 client seals records (``Connection.seal_parts``, what every ``write`` does) and the server
-opens them (``get_buffer`` and ``buffer_updated``, both timed: the buffer and record code the
-socket path uses). The raw ``cryptography`` call on the same sizes (``encrypt_into``/``decrypt_into``
+opens them (the buffer the event loop reads into, ``Connection._loop_buffer``, which
+``SecureProtocol`` hands the loop in place of ``get_buffer``, and ``buffer_updated``, both timed:
+the buffer and record code the socket path uses). The raw ``cryptography`` call on the same sizes (``encrypt_into``/``decrypt_into``
 into a reused buffer, the fastest form it offers) is the limit for this path.
 
 Opening: each record, distinct, is first copied into the receive buffer, as ``recv_into``
@@ -115,7 +116,7 @@ def measure(pki: BenchPKI, suites: list[Suite], sizes: list[int], volume: int, r
             payload = os.urandom(size)
             count = iters * (runs + warmup)
             # The opener needs the records in sequence: a second pair, all records sealed ahead.
-            # Per record, as on a socket: ``get_buffer`` (timed), the copy into it that recv_into
+            # Per record, as on a socket: the loop's buffer (timed), the copy into it that recv_into
             # does (not timed), then ``buffer_updated`` (timed), which opens it.
             sender, server = connected_pair(pki, suite, size)
             server.receive_data(sender.seal(payload))  # the receive buffer grows to its bulk size
@@ -132,7 +133,7 @@ def measure(pki: BenchPKI, suites: list[Suite], sizes: list[int], volume: int, r
             rates = _interleaved({
                 "seal": partial(_run, partial(client.seal_parts, payload), iters),
                 "raw_seal": partial(_run, partial(aead.encrypt_into, nonce, payload, aad, enc_buf), iters),
-                "open": partial(_run_timed, server.get_buffer, arrive, server.buffer_updated, iters),
+                "open": partial(_run_timed, server._loop_buffer, arrive, server.buffer_updated, iters),
                 "raw_open": partial(_run_timed, None, raw_arrive, aead.decrypt_into, iters),
             }, runs, warmup)
             del arrive, raw_arrive, records
