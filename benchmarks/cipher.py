@@ -3,9 +3,10 @@
 Two in-memory :class:`securechan.Connection` objects complete a real handshake, then the
 client seals records (``Connection.seal_parts``, what every ``write`` does) and the server
 opens them (the buffer the event loop reads into, ``Connection._loop_buffer``, which
-``SecureProtocol`` hands the loop in place of ``get_buffer``, and ``buffer_updated``, both timed:
-the buffer and record code the socket path uses). The raw ``cryptography`` call on the same sizes (``encrypt_into``/``decrypt_into``
-into a reused buffer, the fastest form it offers) is the limit for this path.
+``SecureProtocol`` hands the loop in place of ``get_buffer``, and ``buffer_updated``, both
+timed: the buffer and record code the socket path uses). The raw ``cryptography`` call on
+the same sizes (``encrypt_into``/``decrypt_into`` into a reused buffer, the fastest form it
+offers) is the limit for this path.
 
 Opening: each record, distinct, is first copied into the receive buffer, as ``recv_into``
 does on a socket; that copy is the kernel's work on a socket (plain TCP pays it too) and is
