@@ -193,7 +193,8 @@ class Connection:
         self._update_at: float | None = None  # clock reading when the sending key is due for an update
         self._out: list[bytes | bytearray] = []
         self._buf: bytearray | mmap.mmap = bytearray(_SMALL_BUFFER)
-        #: A view of all of ``_buf``, made once per buffer: what ``get_buffer`` hands out when it is empty.
+        #: A view of all of ``_buf``, made once per buffer: what ``_loop_buffer`` hands the event loop when
+        #: nothing is pending, and what every other view of the buffer is sliced from.
         self._view = memoryview(self._buf)
         #: The receive buffer grew past its small size for a large record or a burst (an
         #: attribute, not a property: the I/O layer reads it after every read).
