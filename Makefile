@@ -33,7 +33,7 @@ bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks --quick
 
 bench-peers:
-	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq stunnel4 spiped iperf3 redis-server redis-tools
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq stunnel4 spiped iperf3 redis-server redis-tools valgrind
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

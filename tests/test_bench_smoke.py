@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -179,3 +180,29 @@ def test_relay_floor_records_round_trip_and_reject_tampering() -> None:
         open_(bytes(tampered))
     with pytest.raises(ValueError, match="out of range"):
         relay_floor._Open(key)((relay_floor.MAX_PLAIN + relay_floor.TAG + 1).to_bytes(4, "big"))
+
+
+def test_tunnel_instructions_loads_run(tmp_path: Path) -> None:
+    """Both loads of benchmarks.tunnel_instructions run to the end through a real tunnel pair."""
+    from benchmarks import pkiutil
+
+    pkiutil.make(tmp_path / "pki")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for kind, count in (("request", "20"), ("connection", "3")):
+        done = subprocess.run(
+            [sys.executable, "-m", "benchmarks.tunnel_instructions", "--worker", kind, count, str(tmp_path / "pki")],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed (make bench-peers installs it)")
+def test_tunnel_instructions_counts() -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.tunnel_instructions", "--requests", "200", "--connections", "6"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = [int(m.replace(",", "")) for m in re.findall(r":\s+([\d,]+)\s+\(", done.stdout)]
+    assert len(figures) == 2 and all(f > 1000 for f in figures), done.stdout
