@@ -171,9 +171,9 @@ class Connection:
     # connection is smaller.
     __slots__ = (
         "_buf", "_clock", "_end", "_entropy", "_error_raised", "_exporter_secret", "_handshake_done", "_hs",
-        "_live_sealer", "_need", "_opener", "_out", "_peer_der", "_pending_session", "_recv_closed", "_recv_limits",
-        "_rekey_bytes", "_rekey_records", "_resume_key", "_sealer", "_send_closed", "_send_limit", "_start",
-        "_update_at", "_view", "config", "error", "holds_large_buffer", "resumption_secret", "role", "session", "state",
+        "_large", "_live_sealer", "_need", "_opener", "_out", "_peer_der", "_pending_session", "_recv_closed",
+        "_recv_limits", "_rekey_bytes", "_rekey_records", "_resume_key", "_sealer", "_send_closed", "_send_limit",
+        "_start", "_update_at", "_view", "config", "error", "resumption_secret", "role", "session", "state",
     )
 
     def __init__(
@@ -196,9 +196,8 @@ class Connection:
         #: A view of all of ``_buf``, made once per buffer: what ``_loop_buffer`` hands the event loop when
         #: nothing is pending, and what every other view of the buffer is sliced from.
         self._view = memoryview(self._buf)
-        #: The receive buffer grew past its small size for a large record or a burst (an
-        #: attribute, not a property: the I/O layer reads it after every read).
-        self.holds_large_buffer = False
+        #: ``holds_large_buffer``, kept as a slot: the I/O layer reads it after every read.
+        self._large = False
         self._start = 0
         self._end = 0
         self._need = 0  # size of the frame being assembled, once its head is validated
@@ -403,15 +402,20 @@ class Connection:
             # to the OS at once (a heap block would stay in the process after a burst).
             new = mmap.mmap(-1, size)
             new[:pending] = memoryview(buf)[start:end]
-            self._buf, self._view, self.holds_large_buffer = new, memoryview(new), True
+            self._buf, self._view, self._large = new, memoryview(new), True
         self._start, self._end = 0, pending
+
+    @property
+    def holds_large_buffer(self) -> bool:
+        """The receive buffer grew past its small size for a large record or a burst."""
+        return self._large
 
     def release_buffer(self) -> None:
         """Shrink the receive buffer to its small size if it holds no pending bytes (idle connection)."""
-        if self._start == self._end and self.holds_large_buffer:
+        if self._start == self._end and self._large:
             self._start = self._end = 0
             self._buf = bytearray(_SMALL_BUFFER)
-            self._view, self.holds_large_buffer = memoryview(self._buf), False
+            self._view, self._large = memoryview(self._buf), False
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed bytes from the transport; returns the events they complete."""

@@ -128,7 +128,7 @@ class SecureProtocol(asyncio.BufferedProtocol):
             self._fatal(conn.error)
             return
         self._reads += 1
-        if self._idle_timer is None and conn.holds_large_buffer and self._tcp is not None:
+        if self._idle_timer is None and conn._large and self._tcp is not None:
             self._arm_idle_release()
 
     def _arm_idle_release(self) -> None:
