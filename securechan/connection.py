@@ -100,6 +100,8 @@ class State(enum.Enum):
     FAILED = "failed"
 
 
+#: Read once per received chunk; a module constant is a plain global lookup, an enum member is not.
+_FAILED = State.FAILED
 _HANDSHAKE_LIMITS: dict[int, int] = {FrameType.HANDSHAKE: MAX_HANDSHAKE_BODY, FrameType.ALERT: _ALERT_BODY}
 _HANDSHAKE_STATES = {
     State.CLIENT_WAIT_SERVER_HELLO,
@@ -460,7 +462,7 @@ class Connection:
         raise error
 
     def buffer_updated(self, nbytes: int) -> list[Event]:
-        if self.state is State.FAILED:
+        if self.state is _FAILED:
             raise self._raise_after_failure()
         self._end = stop = self._end + nbytes
         events: list[Event] = []
@@ -480,10 +482,12 @@ class Connection:
                     need = end - pos
                     break
                 if ftype == _APPLICATION_DATA:
-                    # The head is the AAD as is (a slice, one copy); the body is opened in place.
+                    # The head is the AAD as is and the body is opened in place: both are views into
+                    # the receive buffer (``_view`` is the view of ``_buf`` made once per buffer).
                     opener = self._opener
                     assert opener is not None  # APPLICATION_DATA is allowed only once the keys exist
-                    data = opener.open(buf[pos:body], memoryview(buf)[body:end])
+                    view = self._view
+                    data = opener.open(view[pos:body], view[body:end])
                     if data:
                         events.append(DataReceived(data))
                     pos = end

@@ -42,13 +42,6 @@ class _Direction:
         self.seq = 0
         self.bytes = 0
 
-    def _next_nonce(self) -> bytes:
-        seq = self.seq
-        if seq >= _SEQ_LIMIT:  # unreachable with automatic key updates; never wrap
-            raise InternalError("record sequence number exhausted; the connection must be re-established")
-        self.seq = seq + 1
-        return (self._iv ^ seq).to_bytes(12, "big")
-
     def update(self) -> None:
         """Ratchet to the next traffic secret (KeyUpdate)."""
         old = self._secret
@@ -69,9 +62,14 @@ class Sealer(_Direction):
 
     def seal_parts(self, ftype: int, payload: memoryview | bytes) -> tuple[bytes, bytes]:
         """One whole frame as two buffers: its head, then ciphertext and tag (the head is the AAD)."""
+        # The nonce is computed inline (no call per record): this runs for every record sent.
+        seq = self.seq
+        if seq >= _SEQ_LIMIT:  # unreachable with automatic key updates; never wrap
+            raise InternalError("record sequence number exhausted; the connection must be re-established")
+        self.seq = seq + 1
         n = len(payload)
         head = _HEAD.pack(0x92, ftype, 0xC6, n + TAG_LEN)
-        sealed = self._aead.encrypt(self._next_nonce(), payload, head)  # type: ignore[union-attr]
+        sealed = self._aead.encrypt((self._iv ^ seq).to_bytes(12, "big"), payload, head)  # type: ignore[union-attr]
         self.bytes += n
         return head, sealed
 
@@ -86,13 +84,15 @@ class Opener(_Direction):
     def open(self, head: bytes | bytearray | memoryview, body: memoryview) -> bytes:
         if len(body) < TAG_LEN:
             raise DecodeError("protected record shorter than its tag")
-        if self.seq >= RECV_LIMIT_RECORDS or self.bytes >= RECV_LIMIT_BYTES:
+        seq = self.seq
+        # RECV_LIMIT_RECORDS is far below 2**64, so this check also keeps the counter from wrapping.
+        if seq >= RECV_LIMIT_RECORDS or self.bytes >= RECV_LIMIT_BYTES:
             raise ProtocolError("the peer exceeded the per-key usage limit without a key update")
+        self.seq = seq + 1
         # ``decrypt`` allocates the plaintext itself and returns it only once the tag verified;
         # the fresh bytes object goes to the application as is (no zeroed buffer, no second copy).
-        nonce = self._next_nonce()
         try:
-            out = self._aead.decrypt(nonce, body, head)  # type: ignore[union-attr]
+            out = self._aead.decrypt((self._iv ^ seq).to_bytes(12, "big"), body, head)  # type: ignore[union-attr]
         except InvalidTag:
             raise BadRecordMACError(
                 "a record failed authentication (tampered, reordered, replayed or injected); "

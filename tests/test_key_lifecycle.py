@@ -141,6 +141,27 @@ def test_a_peer_that_never_updates_its_key_is_cut_at_the_usage_ceiling(pki_dir, 
     assert type(heard) is securechan.UnexpectedMessageError and heard.remote
 
 
+def test_the_send_sequence_never_wraps() -> None:
+    # Unreachable in use (a key update comes at 2**23 records), but the last guard of nonce
+    # uniqueness: the sealer stops at the top of the 64-bit counter instead of reusing nonce 0.
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from securechan.keyschedule import traffic_key_iv
+    from securechan.record import Sealer
+    from securechan.suites import Suite
+
+    secret = bytes(range(32))
+    sealer = Sealer(Suite.AES_256_GCM, secret)
+    key, iv = traffic_key_iv(secret, Suite.AES_256_GCM)
+    sealer.seq = 2**64 - 2
+    head, sealed = sealer.seal_parts(FrameType.APPLICATION_DATA, b"last")
+    last_nonce = (int.from_bytes(iv, "big") ^ (2**64 - 2)).to_bytes(12, "big")
+    assert AESGCM(key).decrypt(last_nonce, sealed, head) == b"last"
+    with pytest.raises(securechan.InternalError, match="sequence number exhausted"):
+        sealer.seal_parts(FrameType.APPLICATION_DATA, b"wrapped")
+    assert sealer.seq == 2**64 - 1  # nothing was sealed, and the counter did not move
+
+
 async def test_time_based_updates_over_loopback(serve, pki_dir, caplog) -> None:
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while data := await reader.read(65536):
