@@ -17,6 +17,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeAlias
@@ -47,18 +48,36 @@ MAX_FILE = 1024 * 1024
 _Attempt = Callable[[str, datetime.datetime], bool]
 
 
+def read_bounded(path: Source, limit: int) -> tuple[bytes | None, os.stat_result]:
+    """At most ``limit + 1`` bytes of the file at ``path``, or None when it is not a regular file.
+
+    Opened without blocking, so a FIFO put in a file's place cannot stall the caller (a reload
+    runs on the event loop). ``OSError`` goes to the caller, which names the file in its message.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            return None, st
+        return f.read(limit + 1), st
+
+
 def _read(path: Source, what: str) -> bytes:
+    where = repr(os.fspath(path))
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE + 1)
+        data, _ = read_bounded(path, MAX_FILE)
     except FileNotFoundError:
-        raise ConfigError(f"{what} file {os.fspath(path)!r} does not exist") from None
+        raise ConfigError(f"{what} file {where} does not exist") from None
     except IsADirectoryError:
-        raise ConfigError(f"{what} file {os.fspath(path)!r} is a directory, not a PEM file") from None
+        raise ConfigError(f"{what} file {where} is a directory, not a PEM file") from None
     except PermissionError:
-        raise ConfigError(f"{what} file {os.fspath(path)!r} is not readable by this user") from None
+        raise ConfigError(f"{what} file {where} is not readable by this user") from None
+    except OSError as exc:  # a symlink loop, a name too long, a socket (ENXIO), an I/O error, ...
+        raise ConfigError(f"{what} file {where} cannot be read: {exc.strerror or exc}") from None
+    if data is None:
+        raise ConfigError(f"{what} file {where} is not a regular file (a FIFO, socket or device); give a PEM file")
     if len(data) > MAX_FILE:
-        raise ConfigError(f"{what} file {os.fspath(path)!r} is larger than 1 MiB; is it the right file?")
+        raise ConfigError(f"{what} file {where} is larger than 1 MiB; is it the right file?")
     return data
 
 
@@ -106,10 +125,13 @@ def load_private_key(
         if pw is not None and b"ENCRYPTED" in raw:
             raise ConfigError(f"could not decrypt key file {where}: wrong passphrase") from None
         raise ConfigError(f"key file {where} holds no readable PEM private key") from None
-    except Exception as exc:  # unsupported algorithms surface as UnsupportedAlgorithm
-        raise ConfigError(f"key file {where}: unsupported key ({type(exc).__name__})") from None
+    except Exception as exc:  # unsupported algorithms surface as UnsupportedAlgorithm (it names the curve)
+        raise ConfigError(
+            f"key file {where}: unsupported key ({type(exc).__name__}: {exc}); use RSA, EC P-256 or Ed25519"
+        ) from None
     if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey)):
-        raise ConfigError(f"key file {where} holds a {type(key).__name__}; use RSA, EC P-256 or Ed25519")
+        kind = type(key).__name__.lstrip("_").removesuffix("PrivateKey")
+        raise ConfigError(f"key file {where} holds a {kind} key; use RSA, EC P-256 or Ed25519")
     check_key_permissions(path)
     return key
 

@@ -37,6 +37,7 @@ from typing import NoReturn
 from .config import ClientConfig, ServerConfig
 from .errors import (
     AlertCode,
+    ConfigError,
     ConnectionClosedError,
     InternalError,
     SecureChannelError,
@@ -228,17 +229,21 @@ class Connection:
         self._peer_der: tuple[bytes, ...] = ()
         self._hs: ClientHandshake | ServerHandshake | None
         if isinstance(config, ClientConfig):
+            if server_name is None and config._store is not None:
+                # Refused here, not after a round trip: a local mistake, not the server's fault.
+                raise ConfigError(
+                    "server_name is required for a client that verifies the server certificate against a CA: "
+                    "pass the name the certificate is issued for (e.g. server_name='db.internal')"
+                )
             self.role = Role.CLIENT
             self._hs = ClientHandshake(config, server_name, entropy, resume_key)
             self._resume_key = self._hs.resume_key
             self.state = State.CLIENT_WAIT_SERVER_HELLO
             self._out.extend(self._hs.start().frames)
-        elif isinstance(config, ServerConfig):
+        else:  # a ServerConfig (the type was checked on entry)
             self.role = Role.SERVER
             self._hs = ServerHandshake(config, entropy)
             self.state = State.SERVER_WAIT_CLIENT_HELLO
-        else:
-            raise TypeError("config must be a securechan.ClientConfig or securechan.ServerConfig")
 
     # -- state queries ------------------------------------------------------------------
 
@@ -430,7 +435,17 @@ class Connection:
             n = min(len(target), len(view))
             target[:n] = view[:n]
             view = view[n:]
-            events.extend(self.buffer_updated(n))
+            try:
+                events.extend(self.buffer_updated(n))
+            except SecureChannelError:
+                if not events:
+                    raise
+                # Records verified from an earlier chunk of ``data`` are returned, as buffer_updated
+                # returns what it verified before a failure; the error is raised by the next call.
+                self._error_raised = False
+                break
+            if self.state is _FAILED:
+                break  # failed after the records it returned; the error is raised by the next call
         return events
 
     def _raise_after_failure(self) -> SecureChannelError:
@@ -466,7 +481,7 @@ class Connection:
             raise self._raise_after_failure()
         self._end = stop = self._end + nbytes
         events: list[Event] = []
-        buf = self._buf
+        buf, view = self._buf, self._view  # ``_view`` is the view of ``_buf``, made once per buffer
         pos = self._start
         need = 0  # the whole size of a frame whose head is validated but whose body is still due
         try:
@@ -483,10 +498,9 @@ class Connection:
                     break
                 if ftype == _APPLICATION_DATA:
                     # The head is the AAD as is and the body is opened in place: both are views into
-                    # the receive buffer (``_view`` is the view of ``_buf`` made once per buffer).
+                    # the receive buffer, no copy.
                     opener = self._opener
                     assert opener is not None  # APPLICATION_DATA is allowed only once the keys exist
-                    view = self._view
                     data = opener.open(view[pos:body], view[body:end])
                     if data:
                         events.append(DataReceived(data))
@@ -499,7 +513,7 @@ class Connection:
                 else:
                     self._dispatch(ftype, buf[pos:body], memoryview(buf)[body:end], events)
                 pos = end
-                buf, stop = self._buf, self._end
+                buf, view, stop = self._buf, self._view, self._end
         except Exception as exc:
             self._start, self._need = pos, 0  # the frame that failed; what precedes it was consumed
             # Only typed errors leave the connection: anything else is a defect, but it still

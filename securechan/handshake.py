@@ -57,6 +57,7 @@ from .clientauth import SUPPORTED_SCHEMES, evaluate_client, scheme_for_key, sign
 from .config import MIN_RSA_BITS, ClientConfig, ServerConfig
 from .errors import (
     CertificateRequiredError,
+    ConfigError,
     HandshakeAuthError,
     IllegalParameterError,
     InsufficientSecurityError,
@@ -67,7 +68,15 @@ from .errors import (
 )
 from .frames import FrameType, encode_frame, pack_map
 from .keyschedule import SALT_RESUMPTION, Transcript, finished_mac, handshake_secrets
-from .messages import ClientCertificate, ClientHello, Finished, HandshakeMessage, KeyExchange, ServerHello
+from .messages import (
+    ClientCertificate,
+    ClientHello,
+    Finished,
+    HandshakeMessage,
+    KeyExchange,
+    ServerHello,
+    is_dns_name,
+)
 from .resumption import Resumption, offer, server_verdict
 from .suites import KeyWrap, Suite
 from .tickets import CachedSession, TicketStatus
@@ -124,6 +133,16 @@ def _sent_name(server_name: str | None) -> str | None:
     return None
 
 
+def check_server_name(server_name: str | None) -> None:
+    """Raise ConfigError for a name no server accepts (checked before connecting, not after a round trip)."""
+    sent = _sent_name(server_name)
+    if sent is not None and not is_dns_name(sent):
+        raise ConfigError(
+            f"server_name {server_name!r} is neither a DNS name (1-253 letters, digits, '-', '_' and '.') "
+            "nor an IP address; give the name the server certificate is issued for"
+        )
+
+
 def _ephemeral_key(entropy: Entropy) -> x25519.X25519PrivateKey:
     """A fresh X25519 key: from the library's generator, or from ``entropy`` when a test pins it."""
     if entropy is os.urandom:
@@ -150,6 +169,7 @@ class ClientHandshake:
         entropy: Entropy = os.urandom,
         resume_key: Hashable = None,
     ) -> None:
+        check_server_name(server_name)
         self.config = config
         self.server_name = server_name
         #: Where this connection's tickets are cached: (host, port, server name).
@@ -305,8 +325,7 @@ class ClientHandshake:
         if cfg._store is None:
             return None
         name = self.server_name
-        if name is None:
-            raise IllegalParameterError("a server name is required to verify the server certificate against a CA")
+        assert name is not None  # Connection refuses a CA-verifying client without a server name
         return verify_server_chain(chain, name, cfg._store, cafile_desc=cfg.trust_description)
 
     def _ticket_refused(self, code: int) -> None:

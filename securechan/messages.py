@@ -22,6 +22,11 @@ MAX_TICKET_LEN = 12 * 1024  # room for a client chain of a few certificates
 BINDER_LEN = 32
 MAX_NAME_LEN = 253
 _HOSTNAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def is_dns_name(name: str) -> bool:
+    """The ClientHello's rule for ``server_name``: 1-253 letters, digits, '-', '_' and '.'."""
+    return 0 < len(name) <= MAX_NAME_LEN and _HOSTNAME.fullmatch(name) is not None
 MAX_LIST_LEN = 16
 
 # The fields each strictly decoded message may carry.
@@ -146,7 +151,7 @@ class ClientHello:
     @classmethod
     def decode(cls, m: dict[str, Any]) -> ClientHello:
         name = _get(m, "server_name", str, required=False)
-        if name is not None and (not 0 < len(name) <= MAX_NAME_LEN or not _HOSTNAME.fullmatch(name)):
+        if name is not None and not is_dns_name(name):
             raise DecodeError("client_hello: server_name must be a DNS name of 1-253 letters, digits, '-', '_' and '.'")
         return cls(
             versions=_int_list(m, "versions"),

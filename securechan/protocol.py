@@ -180,11 +180,12 @@ class SecureProtocol(asyncio.BufferedProtocol):
                 self.on_handshake_failed(self, error)  # a reset handshake is reported like any other failure
         if self._waiter is not None and not self._waiter.done():
             if error is None:
-                try:
-                    self._conn.receive_eof()
-                except SecureChannelError as eof_error:
-                    error = eof_error
-            self._waiter.set_exception(error or ConnectionClosedError("connection closed during the handshake"))
+                # The peer's EOF reaches eof_received first, which records it as the error; a
+                # stream that ends here without one was closed on this side.
+                error = ConnectionClosedError(
+                    "the connection was closed on this side during the handshake (the transport was closed)"
+                )
+            self._waiter.set_exception(error)
             self._waiter = None
         try:
             self._notify_app_lost(error)  # application code: whatever it raises, the keys are wiped

@@ -66,9 +66,9 @@ class Sealer(_Direction):
         seq = self.seq
         if seq >= _SEQ_LIMIT:  # unreachable with automatic key updates; never wrap
             raise InternalError("record sequence number exhausted; the connection must be re-established")
-        self.seq = seq + 1
         n = len(payload)
         head = _HEAD.pack(0x92, ftype, 0xC6, n + TAG_LEN)
+        self.seq = seq + 1
         sealed = self._aead.encrypt((self._iv ^ seq).to_bytes(12, "big"), payload, head)  # type: ignore[union-attr]
         self.bytes += n
         return head, sealed

@@ -55,6 +55,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from .certs import read_bounded
 from .errors import ConfigError, DecodeError, InternalError
 from .frames import unpack_map
 from .keyschedule import expand_label
@@ -232,19 +233,15 @@ def read_key_file(path: str | os.PathLike[str]) -> tuple[list[bytes], tuple[int,
     """Read and parse a key file; returns (secrets, (inode, size, mtime_ns)) for change detection."""
     where = repr(os.fspath(path))
     try:
-        # O_NONBLOCK: a FIFO put in the file's place must not stall the event loop (it is refused below).
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise ConfigError(f"ticket key file {where} is not a regular file")
-            data = f.read(MAX_KEY_FILE + 1)
+        data, st = read_bounded(path, MAX_KEY_FILE)  # never blocks on a FIFO in the file's place
     except FileNotFoundError:
         raise ConfigError(
             f"ticket key file {where} does not exist; create it with 'securechan ticket-key new --out FILE'"
         ) from None
     except OSError as exc:  # a directory, no permission, a socket (ENXIO), ...
         raise ConfigError(f"ticket key file {where} cannot be read: {exc.strerror or exc}") from None
+    if data is None:
+        raise ConfigError(f"ticket key file {where} is not a regular file")
     if len(data) > MAX_KEY_FILE:
         raise ConfigError(f"ticket key file {where} is larger than {MAX_KEY_FILE} bytes; is it the right file?")
     # Whoever can write the file can add a key and mint tickets for any client identity: only
@@ -260,8 +257,12 @@ def read_key_file(path: str | os.PathLike[str]) -> tuple[list[bytes], tuple[int,
         log.warning("ticket key file %s is readable by other users; chmod 600 it", where)
     try:
         text = data.decode("ascii")
-    except UnicodeDecodeError:
-        raise ConfigError(f"ticket key file {where} is not a text file of ticket keys") from None
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"ticket key file {where} has a byte that is not ASCII on line {line}; a key file holds "
+            f"'{KEY_FILE_PREFIX}' lines and '#' comments in ASCII ('securechan ticket-key new' writes one)"
+        ) from None
     return parse_key_file(text, where), (st.st_ino, st.st_size, st.st_mtime_ns)
 
 

@@ -153,3 +153,41 @@ def test_oversized_and_malformed_heads() -> None:
         parse_header(b"\x16\x03\x01\x02\x00\x01\x00", ALL)
     with pytest.raises(securechan.DecodeError, match=r"bin 32|not speaking securechan"):
         parse_header(b"\x92\x01\xc4\x00\x00\x00\x01", ALL)  # bin8 instead of bin32
+
+
+def _hello_map(**changes: object) -> dict:
+    m = ClientHello(
+        versions=(1,), random=b"r" * 32, suites=(1,), key_wraps=(1,), x25519=b"x" * 32, max_record=65536
+    ).encode()
+    m.update(changes)
+    return m
+
+
+@pytest.mark.parametrize(
+    "versions",
+    [["x", 1], [True, 1], [70000, 1], list(range(17))],
+    ids=["str-then-int", "bool-then-int", "too-big-then-int", "17-entries"],
+)
+def test_a_bad_list_entry_is_not_hidden_by_good_ones_after_it(versions: list) -> None:
+    """The list check stops at the first bad entry: a good entry after it does not make the list acceptable."""
+    with pytest.raises(securechan.DecodeError, match=r"field 'versions' must be a list of 1-16 small integers"):
+        ClientHello.decode(_hello_map(versions=versions))
+
+
+def test_binder_must_be_the_last_client_hello_field() -> None:
+    m = _hello_map(ticket=b"t" * 40, binder=b"b" * 32)
+    assert ClientHello.decode(m).binder == b"b" * 32  # binder last: accepted
+    m["later_extension"] = 1  # an unknown key (ignored in ClientHello) placed after the binder
+    with pytest.raises(securechan.DecodeError, match="the binder must be the last field"):
+        ClientHello.decode(unpack_map(pack_map(m), 1 << 16))
+
+
+def test_a_resumed_server_hello_carries_no_certificates() -> None:
+    sh = ServerHello(version=1, random=b"r" * 32, suite=1, key_wrap=1, x25519=b"x" * 32, max_record=65536,
+                     certificates=(b"cert",), resumed=True)
+    with pytest.raises(securechan.DecodeError, match="a resumed handshake carries no certificates"):
+        ServerHello.decode(unpack_map(pack_map(sh.encode()), 1 << 16))
+    # without certificates the same resumed hello decodes
+    plain = ServerHello(version=1, random=b"r" * 32, suite=1, key_wrap=1, x25519=b"x" * 32, max_record=65536,
+                        resumed=True)
+    assert ServerHello.decode(unpack_map(pack_map(plain.encode()), 1 << 16)).resumed

@@ -327,3 +327,116 @@ def test_ticket_not_offered_once_the_server_chain_no_longer_validates(server_con
     later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=365 * 20)
     monkeypatch.setattr(certs, "_utcnow", lambda: later)
     assert not offered_ticket()
+
+
+def test_send_and_key_update_refused_with_the_reason(server_config, client_config) -> None:
+    """send_data/update_keys say why they cannot send: too early, or the connection failed."""
+    client = securechan.Connection(client_config, server_name="localhost")
+    with pytest.raises(securechan.ConnectionClosedError, match="cannot send before the handshake allows it"):
+        client.update_keys()
+    client, server = pair(server_config, client_config)
+    handshake(client, server)
+    with pytest.raises(securechan.BadRecordMACError):
+        client.receive_data(bytes(encode_frame(FrameType.APPLICATION_DATA, b"\x00" * 40)))
+    assert client.state is securechan.State.FAILED
+    with pytest.raises(securechan.ConnectionClosedError, match="cannot send: the connection failed"):
+        client.send_data(b"x")
+    with pytest.raises(securechan.ConnectionClosedError, match="cannot send: the connection failed"):
+        client.update_keys()
+
+
+def test_buffer_updated_after_a_failure(server_config, client_config) -> None:
+    """The zero-copy input path raises a failure recorded behind delivered events once, then refuses."""
+    client, server = pair(server_config, client_config)
+    handshake(client, server)
+    server.send_data(b"good")
+    good = server.data_to_send()
+    bad = bytearray(server.seal(b"bad"))
+    bad[-1] ^= 1
+    wire = good + bytes(bad)
+    target = client.get_buffer(len(wire))
+    target[: len(wire)] = wire
+    assert client.buffer_updated(len(wire)) == [securechan.DataReceived(b"good")]
+    with pytest.raises(securechan.BadRecordMACError):
+        client.buffer_updated(0)
+    with pytest.raises(securechan.ConnectionClosedError, match="no more data is accepted"):
+        client.buffer_updated(0)
+
+
+def test_no_alert_after_our_close_notify(server_config, client_config) -> None:
+    """Once we sent close_notify the peer accepts nothing more from us: a later failure queues no alert."""
+    client, server = pair(server_config, client_config)
+    handshake(client, server)
+    client.close()
+    assert client.data_to_send()  # the close_notify
+    bad = bytearray(server.seal(b"reply"))
+    bad[-1] ^= 1
+    with pytest.raises(securechan.BadRecordMACError):
+        client.receive_data(bytes(bad))
+    assert client.state is securechan.State.FAILED
+    assert client.data_to_send() == b""
+
+
+def test_only_the_first_session_ticket_is_kept(server_config, pki_dir) -> None:
+    """A server sending a second new_ticket on one connection gets it ignored: one ticket per connection."""
+    from securechan.messages import NewTicket
+
+    config = pki_dir.client_config()
+    client, server = pair(server_config, config)
+    handshake(client, server)
+    client.receive_data(server.data_to_send())  # the real ticket
+    assert config.session_stats.tickets == 1
+    extra = NewTicket(ticket=b"T" * 64, lifetime=600, nonce=b"n" * 16)
+    assert server._sealer is not None
+    assert client.receive_data(server._sealer.seal(FrameType.CONTROL, pack_map(extra.encode()))) == []
+    assert config.session_stats.tickets == 1 and client.state is securechan.State.CONNECTED
+    (kept,) = config.session_cache.peek(client._resume_key)
+    assert kept.ticket != extra.ticket
+
+
+def test_exporter_bounds(server_config, client_config) -> None:
+    client, server = pair(server_config, client_config)
+    handshake(client, server)
+    session = client.session
+    assert len(session.export_keying_material(b"l" * 200, b"", 8160)) == 8160  # both limits inclusive
+    for length in (0, 8161):
+        with pytest.raises(ValueError, match="exporter length must be between 1 and 8160 bytes"):
+            session.export_keying_material(b"label", b"", length)
+    with pytest.raises(ValueError, match="exporter label must be at most 200 bytes"):
+        session.export_keying_material(b"l" * 201, b"", 32)
+
+
+def test_pin_only_client_without_a_server_name(server_config) -> None:
+    """With pins and no server name the ClientHello names no server and the handshake completes."""
+    from securechan.certs import format_pin, spki_sha256
+
+    pin = format_pin(spki_sha256(server_config.certificate))
+    client = securechan.Connection(securechan.ClientConfig(pin=pin))
+    hello = client.data_to_send()
+    assert ClientHello.decode(unpack_map(hello[HEADER_LEN:], 1 << 16)).server_name is None
+    server = securechan.Connection(server_config)
+    server.receive_data(hello)
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    assert client.handshake_complete and server.handshake_complete
+    assert server.session.server_name is None
+
+
+def test_ca_client_without_a_server_name_is_refused(client_config) -> None:
+    """A CA-verifying client needs a name to check the certificate against: without one it is a
+    configuration error, raised before anything is sent (not an alert blamed on the server)."""
+    with pytest.raises(securechan.ConfigError, match="server_name is required for a client that verifies"):
+        securechan.Connection(client_config)
+
+
+@pytest.mark.parametrize("name", ["bad name", "db\udcff", "x" * 254, ""])
+def test_a_server_name_no_server_accepts_is_a_config_error(client_config, name: str) -> None:
+    # Refused when the connection is made, before a ClientHello the server would answer with decode_error.
+    with pytest.raises(securechan.ConfigError, match=r"is neither a DNS name .* nor an IP address"):
+        securechan.Connection(client_config, server_name=name)
+
+
+@pytest.mark.parametrize("name", ["db.internal", "127.0.0.1", "::1", "_svc.example-1"])
+def test_names_and_addresses_a_server_accepts(client_config, name: str) -> None:
+    securechan.Connection(client_config, server_name=name)  # no error: IP addresses are verified, not sent

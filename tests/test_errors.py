@@ -420,3 +420,54 @@ def read_alert_code(wire: bytes) -> int:
 
     assert wire[1] == FrameType.ALERT
     return int(unpack_map(wire[HEADER_LEN:], 64)["code"])
+
+
+# -- hostile hellos -------------------------------------------------------------------------
+
+
+async def test_client_hello_with_the_binder_not_last_is_a_decode_error(serve, server_config) -> None:
+    """The binder covers the frame up to its own 32 bytes, so it must be the last field (PROTOCOL.md §13.1)."""
+    _, port = await serve(echo, server_config)
+    hello = ClientHello(
+        versions=(1,), random=os.urandom(32), suites=(1,), key_wraps=(1,), x25519=os.urandom(32), max_record=65536,
+        server_name="localhost", ticket=os.urandom(80), binder=os.urandom(32),
+    ).encode()
+    hello["later_extension"] = 1  # an unknown (ignored) key, but encoded after the binder
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(encode_frame(FrameType.HANDSHAKE, pack_map(hello)))
+    assert await read_alert(reader) == securechan.AlertCode.DECODE_ERROR
+    assert await reader.read() == b""  # and the server hung up instead of answering with a ServerHello
+    writer.close()
+
+
+async def test_resumed_server_hello_with_certificates_is_a_decode_error(client_config, server_config) -> None:
+    err, alerts = await hello_from_raw_server(
+        client_config, securechan.DecodeError, certificates=server_config._chain_der, resumed=True
+    )
+    assert type(err) is securechan.DecodeError
+    assert str(err) == "server_hello: a resumed handshake carries no certificates"
+    assert alerts == [securechan.AlertCode.DECODE_ERROR]
+
+
+async def test_server_certificate_without_an_rsa_key_is_insufficient_security(pki_dir, client_config) -> None:
+    """A chain that validates but whose leaf key cannot take the RSA-OAEP key wrap (PROTOCOL.md §5.1)."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    cert, _ = pki.issue_cert(pki_dir.ca, "localhost", ips=["127.0.0.1"], key_type="ec-p256")
+    err, alerts = await hello_from_raw_server(
+        client_config, securechan.InsufficientSecurityError, certificates=(cert.public_bytes(Encoding.DER),)
+    )
+    assert "server certificate's key is not RSA-2048 or larger" in str(err) and not err.remote
+    assert alerts == [securechan.AlertCode.INSUFFICIENT_SECURITY]
+
+
+async def test_not_a_securechan_peer_ssh(client_config) -> None:
+    async def ssh(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+        await writer.drain()
+        await reader.read()
+
+    server, port = await raw_server(ssh)
+    async with server:
+        err = await expect_client_error(port, client_config, securechan.DecodeError)
+    assert str(err) == "peer is speaking SSH, not securechan"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, rsa
 
 import securechan
 from securechan import pki
@@ -615,3 +615,60 @@ def test_unsupported_client_keys(pki_dir, tmp_path, make_key, message: str) -> N
     os.chmod(k, 0o600)
     with pytest.raises(securechan.ConfigError, match=message):
         securechan.ClientConfig(cafile=pki_dir.ca_file, certfile=crt, keyfile=k)
+
+
+@pytest.mark.parametrize(
+    ("make_key", "message"),
+    [
+        (lambda: ed448.Ed448PrivateKey.generate(), "client key must be RSA (2048+ bits), EC P-256 or Ed25519"),
+        (lambda: ec.generate_private_key(ec.SECP384R1()), "client EC key is on curve secp384r1; only P-256"),
+        (lambda: rsa.generate_private_key(65537, 1024), "client RSA key is 1024 bits; at least 2048"),
+    ],
+    ids=["ed448", "ec-p384", "rsa1024"],
+)
+def test_client_certificate_with_an_unsupported_key_is_insufficient_security(
+    pki_dir, ids, make_key, message: str
+) -> None:
+    """A client presenting a CA-issued certificate whose key no scheme covers (ClientConfig would refuse to
+    load it, so a client that swaps in its DER): refused after its Finished with insufficient_security."""
+    import re
+
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    weak, _ = pki.issue_cert(pki_dir.ca, "weak", client=True, key=make_key())
+    cfg = client_cfg(pki_dir, ids["ec-p256"])
+    object.__setattr__(cfg, "_identity_der", (weak.public_bytes(Encoding.DER),))
+    exc = flight_refused(pki_dir, cfg, securechan.InsufficientSecurityError)
+    assert type(exc) is securechan.InsufficientSecurityError
+    assert re.search("client certificate for 'weak': " + re.escape(message), str(exc))
+
+
+def test_access_list_semantics_without_a_handshake(pki_dir) -> None:
+    # An empty list admits every verified certificate; a DNS entry never matches a certificate that
+    # has no subject alternative names at all (and the refusal names the client and the list).
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    ca_cert, ca_key = pki_dir.ca
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    no_san = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "alice")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(ca_key, hashes.SHA256())
+    )
+    everyone = securechan.AccessList()
+    assert everyone.empty and everyone.describe() == "everyone with a verified certificate"
+    assert everyone.admits(no_san)
+    by_dns = securechan.AccessList(dns=["alice"])
+    assert not by_dns.admits(no_san)
+    with pytest.raises(securechan.AccessDeniedError, match=r"\(CN=alice, sha256:[0-9a-f]{64}\) is valid but not on "
+                                                           r"the access list \(dns=\[alice\]\)"):
+        by_dns.check(no_san)
+    assert securechan.AccessList(cn=["alice"]).admits(no_san)

@@ -17,7 +17,17 @@ from securechan.events import DataReceived, KeysUpdated
 from securechan.frames import FrameType, encode_frame, pack_map, unpack_map
 from securechan.handshake import handshake_frame
 from securechan.messages import ClientHello, ServerHello
-from securechan.tickets import ServerTickets, TicketContents, TicketStatus
+from securechan.tickets import (
+    MAX_FILE_KEYS,
+    MAX_KEY_FILE,
+    ServerTickets,
+    TicketContents,
+    TicketKey,
+    TicketKeyRing,
+    TicketStatus,
+    format_key_file,
+    new_key_secret,
+)
 
 
 class Clock:
@@ -143,7 +153,7 @@ def test_a_peer_that_never_updates_its_key_is_cut_at_the_usage_ceiling(pki_dir, 
 
 def test_the_send_sequence_never_wraps() -> None:
     # Unreachable in use (a key update comes at 2**23 records), but the last guard of nonce
-    # uniqueness: the sealer stops at the top of the 64-bit counter instead of reusing nonce 0.
+    # uniqueness: the sealer never goes past the 64-bit counter docs/PROTOCOL.md defines.
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     from securechan.keyschedule import traffic_key_iv
@@ -319,3 +329,76 @@ def test_oversized_client_chain_gets_no_ticket() -> None:
     tickets = ServerTickets(lifetime=60, rotation=3600)
     big = TicketContents(psk=bytes(32), version=1, suite=1, server_name=None, client_chain=(os.urandom(13000),))
     assert tickets.seal(big) is None
+
+
+# -- ticket key files and rings ---------------------------------------------------------------------------
+
+
+def key_file(tmp_path, contents: str | bytes, mode: int = 0o600):
+    path = tmp_path / "tickets.keys"
+    path.write_bytes(contents.encode() if isinstance(contents, str) else contents)
+    os.chmod(path, mode)
+    return path
+
+
+def test_a_ticket_key_has_one_length() -> None:
+    with pytest.raises(securechan.ConfigError, match="a ticket key must be 32 bytes"):
+        TicketKey(bytes(31))
+    assert len(TicketKey(bytes(32)).key_id) == 8
+
+
+def test_ticket_key_file_with_too_many_keys(pki_dir, tmp_path) -> None:
+    path = key_file(tmp_path, format_key_file([new_key_secret() for _ in range(MAX_FILE_KEYS + 1)]))
+    with pytest.raises(securechan.ConfigError,
+                       match=f"ticket key file '.*' holds {MAX_FILE_KEYS + 1} keys; "
+                             f"at most {MAX_FILE_KEYS} are allowed"):
+        pki_dir.server_config(ticket_key_file=path)
+    path = key_file(tmp_path, format_key_file([new_key_secret() for _ in range(MAX_FILE_KEYS)]))
+    assert len(pki_dir.server_config(ticket_key_file=path).ticket_keys.ring.current()) == MAX_FILE_KEYS
+
+
+def test_ticket_key_file_too_large(pki_dir, tmp_path) -> None:
+    text = format_key_file([new_key_secret()])
+    path = key_file(tmp_path, text + "#" * (MAX_KEY_FILE + 1 - len(text)) + "\n")
+    with pytest.raises(securechan.ConfigError,
+                       match=f"ticket key file '.*' is larger than {MAX_KEY_FILE} bytes; is it the right file"):
+        pki_dir.server_config(ticket_key_file=path)
+
+
+def test_ticket_key_file_that_is_not_text(pki_dir, tmp_path) -> None:
+    path = key_file(tmp_path, b"# keys\n\x1f\x8b\x08\x00" + new_key_secret() + b"\xff\xfe")  # e.g. gzip data
+    with pytest.raises(securechan.ConfigError,
+                       match=r"ticket key file '.*' has a byte that is not ASCII on line 2; a key file holds "
+                             r"'sc1-ticket-key:' lines and '#' comments in ASCII"):
+        pki_dir.server_config(ticket_key_file=path)
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604])
+def test_world_readable_ticket_key_file_warns(pki_dir, tmp_path, caplog, mode: int) -> None:
+    path = key_file(tmp_path, format_key_file([new_key_secret()]), mode=mode)
+    caplog.set_level(logging.WARNING, logger="securechan")
+    assert pki_dir.server_config(ticket_key_file=path).ticket_keys is not None
+    assert f"ticket key file {str(path)!r} is readable by other users; chmod 600 it" in caplog.messages
+    caplog.clear()
+    os.chmod(path, 0o600)
+    pki_dir.server_config(ticket_key_file=path)
+    assert not any("readable by other users" in m for m in caplog.messages)
+
+
+def test_a_file_ring_is_not_rotated_in_memory(tmp_path) -> None:
+    ring = TicketKeyRing(rotation=3600, key_file=key_file(tmp_path, format_key_file([new_key_secret()])))
+    before = ring.current()
+    with pytest.raises(securechan.ConfigError, match="a ring loaded from a key file is rotated by rewriting the file"):
+        ring.rotate()
+    assert ring.current() == before and ring.rotations == 0
+
+
+def test_a_vanished_ticket_key_file_keeps_the_loaded_keys(tmp_path, caplog) -> None:
+    path = key_file(tmp_path, format_key_file([new_key_secret()]))
+    ring = TicketKeyRing(rotation=3600, key_file=path)
+    before = ring.current()
+    path.unlink()
+    caplog.set_level(logging.WARNING, logger="securechan")
+    assert ring.current() == before
+    assert (f"ticket key file {str(path)!r} is unreadable (No such file or directory); keeping the keys loaded before"
+            in caplog.messages)

@@ -178,3 +178,25 @@ def test_protocol_hands_the_loop_the_connections_buffer_unless_overridden(pki_di
 
     custom = Custom(Connection(pki_dir.server_config()), asyncio.Protocol, None, None)
     assert len(custom.get_buffer(-1)) > 0 and seen == [-1]  # a subclass's override is kept
+
+
+@pytest.mark.parametrize("where", ["in a later chunk", "in the same chunk, with more bytes behind it"])
+def test_receive_data_returns_what_verified_before_a_failure(pki_dir, where: str) -> None:
+    # receive_data copies its input through the receive buffer in chunks; records verified in one
+    # chunk are returned even when a record after them fails, and the failure is raised next call.
+    client, server = _pair(pki_dir)
+    good = bytes(client.seal(b"0123456789"))
+    if where == "in a later chunk":
+        bad = bytearray(client.seal(os.urandom(20_000)))  # completes past the first 16 KiB chunk
+        rest = b""
+    else:
+        bad = bytearray(client.seal(b"tampered"))
+        rest = bytes(client.seal(os.urandom(20_000)))  # bytes of a later chunk, never opened
+    bad[-1] ^= 1  # in the tag
+    events = server.receive_data(good + bytes(bad) + rest)
+    assert _data(events) == b"0123456789"
+    assert server.state is securechan.connection.State.FAILED
+    with pytest.raises(securechan.BadRecordMACError, match="failed authentication"):
+        server.receive_data(b"")
+    with pytest.raises(securechan.ConnectionClosedError, match="no more data is accepted"):
+        server.receive_data(b"more")

@@ -22,7 +22,7 @@ from securechan import pki
 from securechan.acl import AccessList
 from securechan.connection import Connection
 from securechan.errors import IllegalParameterError, UnexpectedMessageError
-from securechan.frames import FrameType, pack_map
+from securechan.frames import HEADER_LEN, FrameType, pack_map, unpack_map
 from securechan.handshake import handshake_frame
 from securechan.messages import NewTicket, ServerHello
 from securechan.ticketcli import write_key_file
@@ -810,3 +810,108 @@ def test_bad_key_files_are_config_errors(pki_dir, tmp_path: Path, content, mode,
 def test_bad_ticket_settings_are_config_errors(pki_dir, kw, message) -> None:
     with pytest.raises(securechan.ConfigError, match=message):
         pki_dir.server_config(**kw)
+
+
+# -- hostile server hellos and tickets a fleet peer sealed -------------------------------------
+
+
+def _offering_client(pki_dir) -> tuple[Connection, securechan.ServerConfig, securechan.ClientConfig]:
+    """A client whose ClientHello offers a ticket (suite 1), and the server config that issued it."""
+    client_cfg, server_cfg = _resumable_pair(pki_dir)
+    (session,) = client_cfg.session_cache.peek(("h", 1, "localhost"))
+    assert session.suite == 1
+    client = Connection(client_cfg, server_name="localhost", resume_key=("h", 1, "localhost"))
+    assert b"binder" in client.data_to_send()
+    return client, server_cfg, client_cfg
+
+
+def _server_hello(**fields: object) -> bytes:
+    values: dict = dict(version=1, random=os.urandom(32), suite=1, key_wrap=1, x25519=os.urandom(32), max_record=65536)
+    values.update(fields)
+    return handshake_frame(ServerHello(**values))
+
+
+@pytest.mark.parametrize("fields", [{"suite": 2}, {"client_auth": (0x0807,)}], ids=["other-suite", "client-auth"])
+def test_resumed_server_hello_that_does_not_match_the_ticket_is_refused(pki_dir, fields: dict) -> None:
+    client, _, _ = _offering_client(pki_dir)
+    with pytest.raises(IllegalParameterError, match="does not match the ticket"):
+        client.receive_data(_server_hello(resumed=True, **fields))
+    assert client.state is securechan.State.FAILED and client.session is None
+    out = client.data_to_send()
+    assert frame_types(out) == [FrameType.ALERT]
+    assert unpack_map(out[HEADER_LEN:], 64)["code"] == securechan.AlertCode.ILLEGAL_PARAMETER
+
+
+def test_unknown_ticket_status_is_an_ordinary_refusal(pki_dir) -> None:
+    """A ticket_status code from a later version is counted as 'invalid' and the full handshake goes on."""
+    client, server_cfg, client_cfg = _offering_client(pki_dir)
+    assert client.receive_data(_server_hello(certificates=server_cfg._chain_der, ticket_status=200)) == []
+    assert client_cfg.session_stats.fallbacks == {"invalid": 1}
+    assert client.state is securechan.State.CLIENT_WAIT_FINISHED
+    assert frame_types(client.data_to_send()) == [FrameType.HANDSHAKE, FrameType.HANDSHAKE]  # KeyExchange, Finished
+
+
+def _seal_raw(server_cfg: securechan.ServerConfig, plaintext: bytes) -> bytes:
+    """Seal ``plaintext`` exactly as ServerTickets.seal would (as a fleet peer sharing the key could)."""
+    from securechan.tickets import TICKET_FORMAT
+
+    assert server_cfg.ticket_keys is not None
+    key = server_cfg.ticket_keys.ring.current()[0]
+    head, salt = bytes([TICKET_FORMAT]) + key.key_id, os.urandom(16)
+    return head + salt + key.seal(salt, plaintext, head)
+
+
+@pytest.mark.parametrize(
+    ("change", "status"),
+    [
+        ({}, None),  # the control: a well-formed ticket sealed this way resumes
+        ({"extension_from_a_later_version": 1}, "invalid"),
+        ({"psk": b"p" * 31}, "invalid"),
+        ({"server_name": b"localhost"}, "invalid"),
+        ({"version": True}, "invalid"),
+        ({"version": 2}, "mismatch"),
+        ({"client_chain": [b"not a certificate"]}, "mismatch"),
+    ],
+    ids=["well-formed", "unknown-field", "short-psk", "name-not-str", "version-bool", "version-2", "bad-client-chain"],
+)
+async def test_authentic_ticket_with_bad_contents_falls_back(serve, pki_dir, change: dict, status: str | None) -> None:
+    """A ticket that authenticates under our key but whose contents this server cannot use (written by a
+    newer or broken server sharing the key file) is a refusal with a status, never a failure."""
+    import msgpack
+
+    server_cfg = pki_dir.server_config()
+    client_cfg = pki_dir.client_config()
+    _, port = await serve(echo, server_cfg)
+    await talk(port, client_cfg)
+    key = (HOST, port, "localhost")
+    session = client_cfg.session_cache.take(key)
+    assert session is not None
+    now_ms = int(time.time() * 1000)
+    contents = {"psk": session.psk, "version": 1, "suite": session.suite, "issued": now_ms,
+                "expires": now_ms + 600_000, "server_name": "localhost", **change}
+    ticket = _seal_raw(server_cfg, msgpack.packb(contents, use_bin_type=True))
+    # The client holds the ticket's PSK, so the binder verifies: only the contents decide.
+    client_cfg.session_cache.restore(key, dataclasses.replace(session, ticket=ticket, psk=contents["psk"]))
+    info = await talk(port, client_cfg)
+    if status is None:
+        assert info.resumed and not server_cfg.session_stats.fallbacks
+        return
+    assert not info.resumed
+    assert server_cfg.session_stats.fallbacks == {status: 1}
+    assert client_cfg.session_stats.fallbacks == {status: 1}
+    assert (await talk(port, client_cfg)).resumed  # the full handshake brought a good ticket
+
+
+def test_client_cache_keeps_at_most_64_tickets_per_server() -> None:
+    from securechan import tickets as t
+
+    cache = t.TicketCache()
+    key = ("host", 1, None)
+    for i in range(t.MAX_TICKETS_PER_KEY + 3):
+        cache.put(key, i.to_bytes(2, "big") * 50, bytes(32), version=1, suite=1, server_chain=(), lifetime=600)
+    kept = cache.peek(key)
+    assert [int.from_bytes(s.ticket[:2], "big") for s in kept] == list(range(66, 2, -1))  # newest first
+    assert cache._bytes == 64 * 100
+    while cache.take(key) is not None:
+        pass
+    assert cache._bytes == 0

@@ -427,3 +427,238 @@ async def test_an_application_that_writes_and_ends_in_connection_made_is_deliver
         transport.close()
     assert received == [b"one two", b"one two"]
     assert client_config.session_stats.resumed == 1
+
+
+async def test_a_ca_client_without_a_name_to_verify_is_refused_before_connecting(
+    serve, server_config, client_config, tmp_path
+) -> None:
+    """With sock= or a Unix path there is no host to default the server name to: a CA-verifying client
+    says so at once; given server_name the same socket carries a verified channel."""
+    import socket
+
+    _, port = await serve(echo, server_config)
+    sock = socket.create_connection(("127.0.0.1", port))
+    with pytest.raises(securechan.ConfigError, match="server_name is required when connecting without a host"):
+        await securechan.open_connection(sock=sock, config=client_config)
+    reader, writer = await securechan.open_connection(sock=sock, config=client_config, server_name="localhost")
+    writer.write(b"ping")
+    assert await reader.readexactly(4) == b"ping"
+    writer.close()
+    await writer.wait_closed()
+    with pytest.raises(securechan.ConfigError, match="server_name is required for a Unix-socket connection"):
+        await securechan.open_unix_connection(str(tmp_path / "nowhere.sock"), config=client_config)
+
+
+async def test_server_api_refuses_foreign_configs_and_servers(client_config) -> None:
+    with pytest.raises(securechan.ConfigError, match=r"config must be a securechan\.ServerConfig for a server"):
+        await securechan.start_server(echo, "127.0.0.1", 0, config=client_config)  # type: ignore[arg-type]
+    from securechan.streams import server_config
+
+    plain = await asyncio.start_server(echo, "127.0.0.1", 0)
+    try:
+        with pytest.raises(securechan.ConfigError, match=r"not created by securechan\.start_server"):
+            server_config(plain)
+    finally:
+        plain.close()
+        await plain.wait_closed()
+
+
+# -- the SecureTransport surface: writes, half-close, pass-through, protocol switch --------------
+
+
+async def test_write_of_a_non_bytes_object_is_a_type_error_naming_its_type(serve, server_config, client_config) -> None:
+    _, port = await serve(echo, server_config)
+    reader, writer = await securechan.open_connection("127.0.0.1", port, config=client_config)
+    for bad, name in (("text", "str"), (None, "NoneType"), ([b"a"], "list")):
+        with pytest.raises(TypeError, match=rf"^data: expecting a bytes-like instance, got {name}$"):
+            writer.write(bad)  # type: ignore[arg-type]
+    writer.write(b"still usable")  # a refused write leaves the channel intact
+    writer.write_eof()
+    assert await reader.read() == b"still usable"
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_empty_writes_and_a_second_write_eof_are_no_ops(serve, server_config, client_config) -> None:
+    """write(b"") sends nothing, even after write_eof() (where a non-empty write is refused); a second
+    write_eof() changes nothing; the half-closed side still reads the peer's reply."""
+    _, port = await serve(echo, server_config)
+    reader, writer = await securechan.open_connection("127.0.0.1", port, config=client_config)
+    writer.write(b"")
+    writer.write(b"ab")
+    writer.write(bytearray())
+    writer.write_eof()
+    writer.write_eof()
+    writer.write(b"")
+    writer.write(memoryview(b""))
+    with pytest.raises(securechan.ConnectionClosedError, match=r"cannot write after write_eof\(\)/close\(\)"):
+        writer.write(b"c")
+    assert await reader.read() == b"ab"
+    assert reader.at_eof()
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_writelines_sends_the_parts_joined_in_order(serve, server_config, client_config) -> None:
+    _, port = await serve(echo, server_config)
+    reader, writer = await securechan.open_connection("127.0.0.1", port, config=client_config)
+    writer.writelines([b"one ", bytearray(b"two "), memoryview(b"three"), b""])
+    writer.transport.writelines(iter([b" four", b" five"]))
+    writer.write_eof()
+    assert await reader.read() == b"one two three four five"
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_a_write_after_the_connection_was_lost_is_dropped_and_drain_reports_the_cause(
+    serve, server_config, client_config
+) -> None:
+    """The server drops the socket without close_notify: the client's read raises the truncation; a later
+    write is dropped without an exception (as asyncio transports do) and drain() raises the same cause."""
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.transport.abort()
+
+    _, port = await serve(hang_up, server_config)
+    reader, writer = await securechan.open_connection("127.0.0.1", port, config=client_config)
+    with pytest.raises(securechan.TruncationError, match="close_notify") as cut:
+        await reader.read()
+    assert writer.transport.is_closing()
+    writer.write(b"too late")  # no exception
+    writer.writelines([b"also ", b"too late"])
+    with pytest.raises(securechan.TruncationError) as drained:
+        await writer.drain()
+    assert drained.value is cut.value
+    writer.close()
+    with pytest.raises(securechan.TruncationError) as closed:
+        await writer.wait_closed()  # as with asyncio's own streams, wait_closed() re-raises the loss
+    assert closed.value is cut.value
+
+
+async def test_reading_state_and_write_buffer_limits_are_the_tcp_transports(
+    serve, server_config, client_config
+) -> None:
+    _, port = await serve(echo, server_config)
+    reader, writer = await securechan.open_connection("127.0.0.1", port, config=client_config)
+    transport = writer.transport
+    assert transport.is_reading()
+    transport.pause_reading()
+    assert not transport.is_reading()
+    writer.write(b"held")
+    await writer.drain()
+    transport.resume_reading()
+    assert transport.is_reading()
+    assert await reader.readexactly(4) == b"held"
+    transport.set_write_buffer_limits(high=40_000, low=10_000)
+    assert transport.get_write_buffer_limits() == (10_000, 40_000)
+    transport.set_write_buffer_limits(high=8192)
+    assert transport.get_write_buffer_limits() == (2048, 8192)  # asyncio's default: low = high / 4
+    assert transport.get_write_buffer_size() == 0
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_set_protocol_hands_the_rest_of_the_connection_to_the_new_protocol(
+    serve, server_config, client_config
+) -> None:
+    """After set_protocol, data, the peer's close_notify and connection_lost go to the new protocol only."""
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[bytes] = loop.create_future()
+    lost: asyncio.Future[Exception | None] = loop.create_future()
+
+    class First(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            got.set_exception(AssertionError(f"the replaced protocol received {data!r}"))
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            lost.set_exception(AssertionError("the replaced protocol heard connection_lost"))
+
+    class Second(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.buf = b""
+            self.eof = False
+
+        def data_received(self, data: bytes) -> None:
+            self.buf += data
+
+        def eof_received(self) -> bool:
+            self.eof = True
+            got.set_result(self.buf)
+            return False
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            lost.set_result(exc)
+
+    _, port = await serve(echo, server_config)
+    transport, first = await securechan.create_connection(First, "127.0.0.1", port, config=client_config)
+    assert isinstance(first, First) and transport.get_protocol() is first
+    second = Second()
+    transport.set_protocol(second)
+    assert transport.get_protocol() is second
+    transport.write(b"to the second")
+    transport.write_eof()
+    assert await asyncio.wait_for(got, 10) == b"to the second"
+    assert await asyncio.wait_for(lost, 10) is None
+    assert second.eof and transport.is_closing()
+
+
+async def test_peer_chain_is_the_chain_the_peer_presented(serve, pki_dir) -> None:
+    from securechan import pki
+
+    inter = pki.make_ca("Streams Intermediate", issuer=pki_dir.ca, path_length=0)
+    cert, key = pki.issue_cert(inter, "localhost", ips=["127.0.0.1"])
+    crt, k = pki_dir.write("streams-chain", cert, key, inter[0])
+    server_side: list[object] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        server_side.append(writer.get_extra_info("peer_chain"))
+        writer.close()
+
+    _, port = await serve(handler, securechan.ServerConfig(certfile=crt, keyfile=k))
+    reader, writer = await securechan.open_connection("127.0.0.1", port, config=pki_dir.client_config())
+    chain = writer.get_extra_info("peer_chain")
+    assert chain == writer.get_extra_info("securechan").peer_chain
+    assert [c.subject for c in chain] == [cert.subject, inter[0].subject]
+    assert chain[0] == writer.get_extra_info("peercert")
+    assert await reader.read() == b""
+    writer.close()
+    await writer.wait_closed()
+    assert server_side == [()]  # no client certificate: an empty chain, not the default
+
+
+async def test_a_handshake_closed_locally_fails_the_waiter_and_never_reaches_the_application(
+    client_config,
+) -> None:
+    """SecureProtocol used directly (it is public): the application closes the TCP transport while the
+    handshake waits for the ServerHello. The waiter fails with an error that says the close was local
+    (not a hang, and not blamed on the peer), and the application protocol is never created."""
+    from rawpeer import raw_server, read_frame
+
+    from securechan.connection import Connection
+    from securechan.protocol import SecureProtocol
+
+    hello_seen = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_frame(reader)  # the ClientHello; never answered
+        hello_seen.set()
+        await reader.read()
+        writer.close()
+
+    made: list[asyncio.BaseProtocol] = []
+
+    def factory() -> asyncio.BaseProtocol:
+        made.append(asyncio.Protocol())
+        return made[-1]
+
+    loop = asyncio.get_running_loop()
+    server, port = await raw_server(silent)
+    async with server:
+        waiter: asyncio.Future[None] = loop.create_future()
+        proto = SecureProtocol(Connection(client_config, server_name="localhost"), factory, waiter, None)
+        tcp, _ = await loop.create_connection(lambda: proto, "127.0.0.1", port)
+        await asyncio.wait_for(hello_seen.wait(), 10)
+        tcp.close()
+        with pytest.raises(securechan.ConnectionClosedError, match=r"closed on this side during the handshake"):
+            await asyncio.wait_for(waiter, 10)
+    assert made == [] and proto.app_transport is None

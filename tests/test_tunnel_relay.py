@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Iterator
 
 import pytest
 from tunnelkit import (
@@ -25,6 +26,9 @@ from tunnelkit import (
 )
 
 import securechan
+from securechan import pki
+from securechan.errors import ConfigError, ListenError
+from securechan.tunnel import Relay, Tunnel
 from securechan.tunnel import relay as relay_module
 
 pytestmark = pytest.mark.timeout(60)
@@ -785,3 +789,380 @@ async def test_an_exception_in_a_when_done_callback_goes_to_the_loop_handler() -
         loop.set_exception_handler(None)
     assert [type(c["exception"]) for c in reported] == [ZeroDivisionError]
     assert after == ["stopped"]  # the callbacks after it still ran
+
+
+# -- error paths of the tunnel service and the relay ------------------------------------------------------------
+
+
+def tcp_state(sock: socket.socket) -> int:
+    """The kernel's TCP state of ``sock`` (``tcpi_state``, the first byte of ``struct tcp_info``): 7 is TCP_CLOSE.
+    Read without touching ``SO_ERROR``, so a pending reset is still reported to the next send."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)[0]
+
+
+async def outcome_of_reading(reader: asyncio.StreamReader) -> object:
+    """Read to the end: the bytes if the stream ended cleanly, else the exception that ended it."""
+    try:
+        return await asyncio.wait_for(reader.read(), 10)
+    except ConnectionError as exc:
+        return exc
+
+
+@pytest.mark.parametrize("mode", ["server", "client"])
+async def test_a_listen_address_in_use_is_a_listen_error_with_its_hint(pki_dir, mode: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        make = server_spec if mode == "server" else client_spec
+        tunnel = Tunnel(make(pki_dir, "127.0.0.1:1", listen=f"127.0.0.1:{port}", name="busy"))
+        with pytest.raises(ListenError, match=(
+            rf"^tunnel 'busy' cannot listen on 127\.0\.0\.1:{port}: Address already in use; "
+            r"another process is listening there; stop it or choose another port$")):
+            await tunnel.start()
+    assert tunnel.server is None and tunnel.addresses == []  # nothing half-started
+
+
+async def test_server_connection_limit_resets_the_excess_from_accept(pki_dir, tunnel_log) -> None:
+    """A server tunnel counts a socket from accept: above the limit it is reset before any handshake."""
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.read())
+        writer.close()
+
+    async with plain_target(hold) as port, running(server_spec(pki_dir, f"127.0.0.1:{port}",
+                                                               max_connections=1)) as (srv,):
+        config = pki_dir.client_config()
+        r1, w1 = await securechan.open_connection("127.0.0.1", srv.port, config=config, server_name="localhost")
+        r2, w2 = await asyncio.open_connection("127.0.0.1", srv.port)  # plain TCP: the tunnel must not wait for it
+        second = w2.get_extra_info("sockname")[1]
+        assert isinstance(await outcome_of_reading(r2), ConnectionResetError)
+        w2.close()
+        assert srv.rejected == 1 and srv.accepted == 1 and srv.active == 1
+        w1.write(b"first")
+        w1.write_eof()
+        assert await r1.read() == b"first"  # the admitted connection was not disturbed
+        w1.close()
+        await until(lambda: srv.active == 0 and srv.completed == 1)
+        r3, w3 = await securechan.open_connection("127.0.0.1", srv.port, config=config, server_name="localhost")
+        w3.write_eof()
+        assert await r3.read() == b""  # a slot is free again
+        w3.close()
+        await until(lambda: srv.active == 0 and srv.completed == 2)
+    assert srv.rejected == 1 and srv.accepted == 2
+    assert (f"tunnel 'srv': connection limit (1) reached; reset connection from 127.0.0.1:{second} "
+            "(raise --max-connections if this load is expected)") in lines(tunnel_log, logging.WARNING)
+
+
+async def test_client_tunnel_target_refusing_resets_the_plain_client(pki_dir, tunnel_log) -> None:
+    """The client tunnel's own connect fails: logged with the hint, the plain client reset, the slot freed."""
+    with socket.socket() as closed_port:
+        closed_port.bind(("127.0.0.1", 0))  # bound, not listening: a connect is refused, and the port stays ours
+        port = closed_port.getsockname()[1]
+        async with running(client_spec(pki_dir, f"127.0.0.1:{port}")) as (cli,):
+            reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+            client_port = writer.get_extra_info("sockname")[1]
+            writer.write(b"hello")
+            assert isinstance(await outcome_of_reading(reader), ConnectionResetError)
+            writer.close()
+            await until(lambda: cli.active == 0)
+            assert not cli.connecting and not cli._protocols and not cli.relays
+    warnings = lines(tunnel_log, logging.WARNING)
+    assert f"tunnel 'cli': 127.0.0.1:{client_port} identity=- suite=- up=0 down=0 " in warnings
+    assert warnings.count(f"closed: target 127.0.0.1:{port} refused the connection; "
+                          "is the service running and listening there?") == 1
+
+
+@pytest.mark.parametrize("mode", ["server", "client"])
+async def test_target_connect_error_names_the_os_error(pki_dir, tmp_path, tunnel_log, mode: str) -> None:
+    """Neither refused nor a timeout (here ENOTDIR: a path component is a file): the log says what the OS said."""
+    (tmp_path / "file").write_text("not a directory")
+    target = f"unix:{tmp_path}/file/svc.sock"
+    if mode == "server":
+        async with running(server_spec(pki_dir, target)) as (tunnel,):
+            reader, writer = await securechan.open_connection("127.0.0.1", tunnel.port,
+                                                              config=pki_dir.client_config(), server_name="localhost")
+            assert isinstance(await outcome_of_reading(reader), ConnectionResetError)
+            writer.transport.abort()
+            await until(lambda: tunnel.active == 0)
+    else:
+        async with running(client_spec(pki_dir, target)) as (tunnel,):
+            reader, writer = await asyncio.open_connection("127.0.0.1", tunnel.port)
+            assert isinstance(await outcome_of_reading(reader), ConnectionResetError)
+            writer.close()
+            await until(lambda: tunnel.active == 0)
+    assert not tunnel.connecting and not tunnel.relays
+    assert lines(tunnel_log, logging.WARNING).count(f"closed: cannot connect to target {target}: Not a directory") == 1
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+async def test_client_tunnel_target_ending_the_handshake_is_explained(pki_dir, tunnel_log, how: str) -> None:
+    """The target reads the ClientHello and hangs up (a plain service, or a server that refused us without an
+    alert): the client tunnel says what that usually means, and the plain client is reset."""
+    hello: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hello.set_result(await reader.read(1))
+        if how == "reset":
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        else:
+            writer.close()
+
+    async with plain_target(hang_up) as port, running(client_spec(pki_dir, f"127.0.0.1:{port}")) as (cli,):
+        reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+        writer.write(b"request")
+        assert isinstance(await outcome_of_reading(reader), ConnectionResetError)
+        writer.close()
+        await until(lambda: cli.active == 0)
+        assert not cli.connecting and not cli._protocols
+    assert await hello  # the tunnel did start a handshake
+    assert lines(tunnel_log, logging.WARNING).count(
+        f"closed: securechan handshake with 127.0.0.1:{port} failed: the target closed the connection during the "
+        f"handshake; is 127.0.0.1:{port} a securechan server tunnel, and does it accept this client (its log says "
+        "why)?") == 1
+
+
+async def test_client_tunnel_reload_rereads_its_ca_for_new_connections(pki_dir, tmp_path, tunnel_log) -> None:
+    """SIGHUP on a client tunnel: the CA file is read again; a broken file raises and keeps the working config."""
+    other_ca = pki.make_ca("Some Other CA")
+    live_ca = tmp_path / "live-ca.crt"
+    live_ca.write_bytes(pki.cert_pem(other_ca[0]))  # does not vouch for the server tunnel's certificate
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.read())
+        writer.close()
+
+    async def exchange(port: int) -> object:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"ping")
+        writer.write_eof()
+        got = await outcome_of_reading(reader)
+        writer.close()
+        return got
+
+    async with plain_target(echo) as port, running(server_spec(pki_dir, f"127.0.0.1:{port}")) as (srv,), \
+            running(client_spec(pki_dir, f"127.0.0.1:{srv.port}", cafile=str(live_ca))) as (cli,):
+        assert isinstance(await exchange(cli.port), ConnectionResetError)  # the server is not trusted yet
+        await until(lambda: cli.active == 0)
+        live_ca.write_bytes(pki_dir.ca_file.read_bytes())
+        cli.reload()
+        assert await exchange(cli.port) == b"ping"
+        live_ca.write_text("not a certificate")
+        with pytest.raises(ConfigError, match=str(live_ca)):
+            cli.reload()
+        assert await exchange(cli.port) == b"ping"  # still the configuration that worked
+        await until(lambda: cli.active == 0 and srv.completed == 2)
+    assert lines(tunnel_log).count("tunnel 'cli': reloaded certificates for new connections") == 1
+
+
+
+@contextlib.contextmanager
+def full_backlog() -> Iterator[tuple[socket.socket, set[int]]]:
+    """A listening socket whose accept queue is full: a further connect hangs (the kernel drops its SYNs)
+    until the queue has room again (``listen()`` with a larger backlog, then a SYN retransmission).
+    Also yields the local ports of the connections that fill it."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = []
+    try:
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(full.getsockname())
+            fillers.append(filler)
+        yield full, {f.getsockname()[1] for f in fillers}
+    finally:
+        for filler in fillers:
+            filler.close()
+        full.close()
+
+
+async def connect_hangs(tunnel: Tunnel) -> Relay:
+    """The one relay of ``tunnel`` whose target connect is under way; skips if the kernel accepted it anyway."""
+    await until(lambda: bool(tunnel.connecting))
+    await asyncio.sleep(0.2)  # time to send the SYN that the full queue drops
+    if not tunnel.connecting or next(iter(tunnel.connecting)).target.transport is not None:
+        pytest.skip("this kernel accepted the connection despite the full backlog")
+    return next(iter(tunnel.connecting))
+
+
+async def test_server_tunnel_cancelled_while_connecting_to_its_target_is_logged_once(pki_dir, tunnel_log) -> None:
+    """Shutdown while the target connect hangs: cut_open cancels the task; the cut is logged once, with the
+    shutdown's reason, and the securechan client sees a reset."""
+    with full_backlog() as (full, _):
+        spec = server_spec(pki_dir, f"127.0.0.1:{full.getsockname()[1]}", connect_timeout=30.0)
+        async with running(spec) as (srv,):
+            reader, writer = await securechan.open_connection("127.0.0.1", srv.port, config=pki_dir.client_config(),
+                                                              server_name="localhost")
+            await connect_hangs(srv)
+            assert await srv.cut_open("shutdown deadline (0 s) reached") == 1
+            assert not srv.connecting and not srv._tasks and not srv.relays
+            assert isinstance(await outcome_of_reading(reader), ConnectionResetError)
+            writer.transport.abort()
+            await until(lambda: srv.active == 0)
+    closed = [line for line in lines(tunnel_log).splitlines() if "closed: " in line]
+    assert len(closed) == 1, closed
+    assert "identity=none suite=AES-" in closed[0] and " up=0 down=0 " in closed[0]
+    assert closed[0].endswith("closed: shutdown deadline (0 s) reached")
+
+
+async def test_server_relay_stopped_while_connecting_resets_the_target_connection_made_later(
+        pki_dir, tunnel_log) -> None:
+    """cut_now() while the target connect hangs; the target then accepts: the late connection is reset at once
+    (never relayed), and the relay is logged once, with the cut's reason."""
+    target_saw: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+    with full_backlog() as (full, fillers):
+        async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if writer.get_extra_info("peername")[1] not in fillers:
+                target_saw.set_result(await outcome_of_reading(reader))
+            writer.close()
+
+        spec = server_spec(pki_dir, f"127.0.0.1:{full.getsockname()[1]}", connect_timeout=30.0)
+        async with running(spec) as (srv,):
+            reader, writer = await securechan.open_connection("127.0.0.1", srv.port, config=pki_dir.client_config(),
+                                                              server_name="localhost")
+            writer.write(b"early")
+            await connect_hangs(srv)
+            srv.cut_now("the tunnel process stopped")
+            assert isinstance(await outcome_of_reading(reader), ConnectionResetError)
+            writer.transport.abort()
+            server = await asyncio.start_server(target, sock=full)  # a larger backlog: the SYN retransmit connects
+            try:
+                assert isinstance(await asyncio.wait_for(target_saw, 40), ConnectionResetError)
+                await until(lambda: srv.completed == 1 and srv.active == 0)
+                assert not srv.connecting and not srv.relays
+            finally:
+                server.close()
+    closed = [line for line in lines(tunnel_log).splitlines() if "closed: " in line]
+    assert len(closed) == 1, closed
+    assert " up=0 down=0 " in closed[0] and closed[0].endswith("closed: the tunnel process stopped")
+
+
+async def test_a_target_reset_before_the_relay_starts_resets_the_client(pki_dir, tunnel_log) -> None:
+    """The target accepts and resets before the relay starts (the tunnel is not reading it yet). The client's
+    bytes then fail to reach it and the client's close_notify meets a closing target: the EOF must not be
+    sent (the stream must not look complete), the relay stops, the client is reset and the cut logged once."""
+    if type(asyncio.get_running_loop()).__module__.startswith("uvloop"):
+        pytest.skip("uvloop reads a new connection despite the pause in connection_made, so the target's reset "
+                    "ends the relay before the client's bytes reach it; this path is only reachable on asyncio's loop")
+    states: list[int] = []
+
+    with full_backlog() as (full, _):
+        def reset_from_the_target_side(end: relay_module.End) -> None:
+            # Runs in the target connection's connection_made, before the relay starts: the target accepts
+            # and resets (on loopback the RST has arrived when close() returns; TCP_INFO shows it).
+            assert end.transport is not None
+            ours = end.transport.get_extra_info("sockname")[1]
+            full.settimeout(5)
+            while True:
+                conn, peer = full.accept()
+                if peer[1] == ours:
+                    break
+                conn.close()
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+            states.append(tcp_state(end.transport.get_extra_info("socket")))
+
+        spec = server_spec(pki_dir, f"127.0.0.1:{full.getsockname()[1]}", connect_timeout=30.0)
+        async with running(spec) as (srv,):
+            loop = asyncio.get_running_loop()
+            conn = securechan.Connection(pki_dir.client_config(), server_name="localhost")
+            sock = socket.create_connection(("127.0.0.1", srv.port))
+            sock.setblocking(False)
+            try:
+                await loop.sock_sendall(sock, conn.data_to_send())
+                while not conn.handshake_complete:
+                    conn.receive_data(await loop.sock_recv(sock, 65536))
+                    if not conn.handshake_complete:
+                        await loop.sock_sendall(sock, conn.data_to_send())
+                conn.send_data(b"early bytes")
+                conn.close()
+                await loop.sock_sendall(sock, conn.data_to_send())  # last flight + record + close_notify, one write
+                relay = await connect_hangs(srv)
+                relay.target.on_connected = reset_from_the_target_side
+                full.listen(16)  # room in the queue: the SYN retransmit connects
+                await until(lambda: srv.completed == 1, 40)
+                with pytest.raises(ConnectionResetError):
+                    while await loop.sock_recv(sock, 65536):  # a session ticket may come first; never a clean EOF
+                        pass
+            finally:
+                sock.close()
+            await until(lambda: srv.active == 0)
+            assert not srv.connecting and not srv.relays
+    assert states == [7]  # TCP_CLOSE: the target's reset had arrived before the hand-over
+    closed = [line for line in lines(tunnel_log).splitlines() if "closed: " in line]
+    assert len(closed) == 1, closed
+    assert " up=11 down=0 " in closed[0] and closed[0].endswith("closed: target went away before the end of the stream")
+
+
+async def test_a_securechan_client_reset_after_its_close_notify_is_a_reset(pki_dir, tunnel_log) -> None:
+    """The client ends its direction cleanly, then resets while the reply still flows: the relay reports a reset
+    (not a truncation, which close_notify ruled out) and resets the target. An RST after the peer's FIN is
+    reported by the kernel as EPIPE on the next send, hence "Broken pipe"."""
+    target_end: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+    async def stream_until_cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.read()  # up to the client's (relayed) EOF
+        try:
+            while True:
+                writer.write(request * 4096)
+                await writer.drain()
+        except ConnectionError as exc:
+            target_end.set_result(exc)
+        writer.close()
+
+    async with plain_target(stream_until_cut) as port, running(server_spec(pki_dir, f"127.0.0.1:{port}")) as (srv,):
+        reader, writer = await securechan.open_connection("127.0.0.1", srv.port, config=pki_dir.client_config(),
+                                                          server_name="localhost")
+        writer.write(b"send me more")
+        writer.write_eof()  # close_notify: this direction is complete
+        await reader.readexactly(65536)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+        # The target got the relayed EOF (its socket is in CLOSE_WAIT), so the tunnel's RST reaches its next
+        # send as EPIPE, or as asyncio's "Connection lost" when the transport saw it first: a cut either way.
+        assert isinstance(await asyncio.wait_for(target_end, 10), (ConnectionResetError, BrokenPipeError))
+        await until(lambda: srv.completed == 1)
+    closed = [line for line in lines(tunnel_log).splitlines() if "closed: " in line]
+    assert len(closed) == 1, closed
+    assert closed[0].endswith("closed: client connection reset (Broken pipe); target connection aborted")
+
+
+@pytest.mark.parametrize("name", ["db\udcff", "bad name", "x" * 254])
+def test_a_server_name_no_server_accepts_is_refused_when_the_tunnel_is_built(pki_dir, name: str) -> None:
+    """A --server-name the server would refuse (here a lone surrogate, as a non-UTF-8 byte on the command line
+    becomes, a space, a name over 253 characters) stops the tunnel at start-up, not each connection later."""
+    with pytest.raises(ConfigError, match=r"server_name .* is neither a DNS name \(1-253 letters, digits, '-', '_' "
+                                          r"and '\.'\) nor an IP address; give the name the server certificate is "
+                                          r"issued for \(--server-name, or the target's host\)"):
+        Tunnel(client_spec(pki_dir, "127.0.0.1:1", server_name=name))
+
+
+@pytest.mark.parametrize("side", ["server", "client"])
+async def test_connect_retries_reach_a_target_that_starts_listening_late(pki_dir, side: str) -> None:
+    """--connect-retries retries a refused connect on both loops (uvloop creates the protocol before it
+    connects, so a refused attempt must not count as a protocol already handed out)."""
+    port = free_port()
+    retry = {"connect_retries": 50, "retry_delay": 0.1}
+    if side == "server":  # the server tunnel's target starts late
+        context = pair(pki_dir, f"127.0.0.1:{port}", server=retry)
+    else:  # the client tunnel's target, a server tunnel, starts late
+        context = running(client_spec(pki_dir, f"127.0.0.1:{port}", **retry))
+    async with context as tunnels:
+        reader, writer = await asyncio.open_connection("127.0.0.1", tunnels[-1].port)
+        writer.write(b"hello")
+        writer.write_eof()
+        await asyncio.sleep(0.5)  # several refused attempts
+        if side == "server":
+            late = await asyncio.start_server(echo_then_bye, "127.0.0.1", port)
+            async with late:
+                assert await asyncio.wait_for(reader.read(), 20) == b"helloBYE"
+        else:
+            async with (
+                plain_target(echo_then_bye) as target_port,
+                running(server_spec(pki_dir, f"127.0.0.1:{target_port}", listen=f"127.0.0.1:{port}")),
+            ):
+                assert await asyncio.wait_for(reader.read(), 20) == b"helloBYE"
+        writer.close()

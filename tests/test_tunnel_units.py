@@ -73,6 +73,21 @@ def test_proxy_v2_local_for_unix_peers() -> None:
     assert proxyproto.header(("10.0.0.1", 1), ("::1", 2, 0, 0))[12:14] == b"\x20\x00"  # mixed families
 
 
+@pytest.mark.parametrize("source", [("localhost", 1), ("10.0.0.1", "http")])
+def test_proxy_v2_local_unless_both_ends_are_numeric_ip(source: tuple[str, object]) -> None:
+    """An endpoint that is not a numeric address and port gets a LOCAL header, never an exception."""
+    assert proxyproto.header(source, ("10.0.0.2", 443)) == b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"
+    assert proxyproto.header(("10.0.0.2", 443), source) == b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"
+
+
+def test_proxy_v2_tlv_longer_than_its_length_field_is_refused() -> None:
+    with pytest.raises(ValueError, match="PROXY v2 TLV value longer than 65535 bytes"):
+        proxyproto.ssl_tlv("securechan/1", "X" * 65536, None)
+    assert len(proxyproto.ssl_tlv("securechan/1", "X" * 60000, None)) == 3 + 5 + 3 + 12 + 3 + 60000
+    # the common name is cut to 1024 bytes, so a long one cannot make the header overflow
+    assert len(proxyproto.ssl_tlv("v", "s", "n" * 70000)) == 3 + 5 + 4 + 4 + 3 + 1024
+
+
 GOOD = """
 workers = 2
 drain_timeout = 5
@@ -137,6 +152,21 @@ def test_config_parses_two_tunnels_with_defaults_and_relative_paths() -> None:
     ("tunnels = []\n", "t.toml line 1: unknown top-level key 'tunnels'; did you mean 'tunnel'?"),
     ("workers = 0\n[[tunnel]]\n", "t.toml line 1: 'workers' must be a whole number of at least 1"),
     ("workers = 1\n", "t.toml: the config defines no tunnel"),
+    ("drain_timeout = 'soon'\n[[tunnel]]\n", "t.toml line 1: 'drain_timeout' must be a number of seconds, got 'soon'"),
+    ("drain_timeout = -1\n[[tunnel]]\n", "t.toml line 1: 'drain_timeout' must be a number of seconds, got -1"),
+    ("workers = 1\ndefaults = 5\n", "t.toml line 2: 'defaults' must be a table: [defaults]"),
+    ("tunnel = 'redis'\n", "t.toml line 1: 'tunnel' must be an array of tables, written [[tunnel]]"),
+    ("tunnel = [1, 2]\n", "t.toml line 1: 'tunnel' must be an array of tables, written [[tunnel]]"),
+    ("[[tunnel]]\nmode='server'\nlisten=':1'\ntarget=':2'\ncert='c'\nkey='k'\nclient_ca='ca'\nallow_cn = 5\n",
+     "t.toml line 8: [[tunnel]] #1: 'allow_cn' must be a string or a list of strings, got 5"),
+    ("[[tunnel]]\nmode='server'\nlisten=':1'\ntarget=':2'\ncert='c'\nkey='k'\nclient_ca='ca'\nallow_cn = ['a', '']\n",
+     "t.toml line 8: [[tunnel]] #1: 'allow_cn' must be a string or a list of strings, got ['a', '']"),
+    ("[defaults]\nquiet = 'yes'\n[[tunnel]]\nmode='client'\nlisten=':1'\ntarget='h:2'\ncafile='c'\n",
+     "t.toml line 2: [[tunnel]] #1: 'quiet' must be true or false, got 'yes'"),
+    ("[[tunnel]]\nmode='client'\nlisten=':1'\ntarget='h:2'\ncafile='c'\nmax_connections = 2.5\n",
+     "t.toml line 6: [[tunnel]] #1: 'max_connections' must be a whole number, got 2.5"),
+    ("[[tunnel]]\nmode='client'\nlisten=':1'\ntarget='h:2'\ncafile='c'\nconnect_retries = true\n",
+     "t.toml line 6: [[tunnel]] #1: 'connect_retries' must be a whole number, got True"),
     ("[[tunnel]]\nmode = 'server\n", "t.toml: not valid TOML: "),
     ("[[tunnel]]\nname='x'\nmode='client'\nlisten=':1'\ntarget='h:2'\ncafile='c'\n"
      "[[tunnel]]\nname='x'\nmode='client'\nlisten=':3'\ntarget='h:2'\ncafile='c'\n",
@@ -146,6 +176,25 @@ def test_config_errors_name_line_and_key(text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         tomlconfig.parse(text, "t.toml")
     assert message in str(info.value)
+
+
+def test_config_whole_number_settings() -> None:
+    cfg = tomlconfig.parse("[[tunnel]]\nmode='client'\nlisten=':1'\ntarget='h:2'\ncafile='c'\n"
+                           "max_connections = 10\nconnect_retries = 0\n", "t.toml")
+    assert (cfg.tunnels[0].max_connections, cfg.tunnels[0].connect_retries) == (10, 0)
+    assert type(cfg.tunnels[0].max_connections) is int
+
+
+def test_config_file_too_large_or_not_utf8(tmp_path) -> None:
+    big = tmp_path / "big.toml"
+    big.write_bytes(b"# padding\n" * (1024 * 1024 // 10) + b"#" * 20)
+    assert big.stat().st_size > 1024 * 1024
+    with pytest.raises(ConfigError, match=r"config file '.*big.toml' is larger than 1 MiB; is it the right file\?"):
+        tomlconfig.load(big)
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes("# caf\u00e9\n[[tunnel]]\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"config file '.*latin1.toml' is not UTF-8 text \(byte 5\)"):
+        tomlconfig.load(latin1)
 
 
 def test_config_toml_syntax_error_names_the_line(tmp_path) -> None:

@@ -65,29 +65,27 @@ async def connect(
     timeout: float | None,
     retries: int = 0,
     retry_delay: float = 0.5,
+    *,
+    connected: Callable[[], bool],
 ) -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
     """Connect to ``address`` with ``protocol_factory``, as ``loop.create_connection`` does.
 
     Each attempt is bounded by ``timeout``, and every resolved address is tried in turn.
-    Raises ``OSError`` (``TimeoutError`` for a timeout) from the last attempt.
+    ``connected()`` tells whether the factory's protocol has seen ``connection_made``: a failed
+    attempt is retried only while it has not (uvloop calls the factory before it connects, so
+    whether the factory ran says nothing). Raises ``OSError`` (``TimeoutError`` for a timeout)
+    from the last attempt.
     """
     loop = asyncio.get_running_loop()
     attempt = 0
-    handed_out = False
-
-    def factory() -> asyncio.BaseProtocol:
-        nonlocal handed_out
-        handed_out = True
-        return protocol_factory()
-
     while True:
         try:
             async with asyncio.timeout(timeout):
-                return await _connect_once(loop, address, factory)
+                return await _connect_once(loop, address, protocol_factory)
         except OSError:
             # A protocol that saw a connection (a timeout landing just after connection_made)
             # is not handed to a second one: the caller sees the failure instead.
-            if attempt >= retries or handed_out:
+            if attempt >= retries or connected():
                 raise
             attempt += 1
             await asyncio.sleep(retry_delay)

@@ -123,8 +123,14 @@ class _ClientProtocol(_TunnelProtocol):
         self._peer_text = peer
         self._started = started
         self._settled = False
+        #: connection_made ran: the protocol has had its socket and is not handed to a retry.
+        self.made = False
         self.on_handshake_failed = lambda _proto, exc: self.settle_failed(tunnel._handshake_failure(exc))
         relay.target.on_connected = self._ready
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made = True
+        super().connection_made(transport)
 
     def _ready(self, end: End) -> None:
         if self._settled:  # reported as failed already (cannot happen: a cut aborts the socket first)
@@ -392,7 +398,7 @@ class Tunnel:
         self.connecting.add(relay)
         try:
             await connect(spec.target, lambda: relay.target, spec.connect_timeout, spec.connect_retries,
-                          spec.retry_delay)
+                          spec.retry_delay, connected=lambda: relay.target.transport is not None)
         except OSError as exc:
             relay.stop("target connection failed")
             self._log_end(peer, identity, suite, None, _target_failure(spec.target, spec.connect_timeout, exc),
@@ -467,7 +473,8 @@ class Tunnel:
         self.connecting.add(relay)
         self._protocols.add(proto)
         try:
-            await connect(target, lambda: proto, spec.connect_timeout, spec.connect_retries, spec.retry_delay)
+            await connect(target, lambda: proto, spec.connect_timeout, spec.connect_retries, spec.retry_delay,
+                          connected=lambda: proto.made)
         except OSError as exc:
             proto.settle_failed(_target_failure(target, spec.connect_timeout, exc))
         except BaseException:

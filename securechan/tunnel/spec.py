@@ -10,6 +10,7 @@ from ..acl import AccessList
 from ..certs import read_passphrase
 from ..config import ClientConfig, ServerConfig
 from ..errors import ConfigError
+from ..handshake import check_server_name
 from .addresses import Address
 
 Mode = Literal["server", "client"]
@@ -93,6 +94,10 @@ class TunnelSpec:
             if self.target.is_unix and self.cafile is not None and not self.server_name:
                 raise ConfigError(f"target {self.target} is a Unix socket: give --server-name NAME, the name "
                                   "the server certificate carries")
+            try:
+                check_server_name(self.effective_server_name)
+            except ConfigError as exc:
+                raise ConfigError(f"{exc} (--server-name, or the target's host)") from None
             server_only: tuple[tuple[str, object], ...] = (
                 ("client_ca", self.client_ca), ("proxy_protocol", self.proxy_protocol))
             for opt, other in server_only:
