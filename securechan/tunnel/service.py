@@ -510,9 +510,9 @@ class Tunnel:
                     f"{spec.effective_server_name!r}: {exc}")
         if isinstance(exc, HandshakeTimeoutError):
             return f"{where}: {exc} (is {spec.target} a securechan server tunnel, not the plain service?)"
-        if isinstance(exc, TruncationError):
-            return (f"{where}: the target closed the connection during the handshake; is {spec.target} a "
-                    "securechan server tunnel, and does it accept this client (its log says why)?")
+        if isinstance(exc, TruncationError):  # a close or a reset: its text says which
+            return (f"{where}: {exc}; is {spec.target} a securechan server tunnel, and does it accept this "
+                    "client (its log says why)?")
         return f"{where}: {exc}"
 
 
