@@ -142,22 +142,32 @@ def test_nothing_after_close_notify(server_config, client_config) -> None:
         server.receive_eof()
 
 
-def test_events_before_a_failure_are_delivered_then_the_error(server_config, client_config) -> None:
+@pytest.mark.parametrize("path", ["receive_data", "get_buffer + buffer_updated"])
+def test_events_before_a_failure_are_delivered_then_the_error(server_config, client_config, path: str) -> None:
+    """A failure behind verified records: the records are returned, the error is raised by the next call
+    (on both input paths), and every call after that refuses."""
     client, server = pair(server_config, client_config)
     handshake(client, server)
     server.send_data(b"good")
     good = server.data_to_send()
-    server.send_data(b"bad")
-    bad = bytearray(server.data_to_send())
+    bad = bytearray(server.seal(b"bad"))
     bad[-1] ^= 1
-    events = client.receive_data(good + bytes(bad))
-    assert events == [securechan.DataReceived(b"good")]
+    wire = good + bytes(bad)
+
+    def feed(data: bytes) -> list[securechan.Event]:
+        if path == "receive_data":
+            return client.receive_data(data)
+        target = client.get_buffer(len(data))
+        target[: len(data)] = data
+        return client.buffer_updated(len(data))
+
+    assert feed(wire) == [securechan.DataReceived(b"good")]
     assert isinstance(client.error, securechan.BadRecordMACError)
     assert client.state is securechan.State.FAILED
     with pytest.raises(securechan.BadRecordMACError):
-        client.receive_data(b"")  # raised by the next call
-    with pytest.raises(securechan.ConnectionClosedError):
-        client.receive_data(b"x")
+        feed(b"")  # raised by the next call
+    with pytest.raises(securechan.ConnectionClosedError, match="no more data is accepted"):
+        feed(b"x")
 
 
 def test_receive_eof_semantics(server_config, client_config) -> None:
@@ -343,24 +353,6 @@ def test_send_and_key_update_refused_with_the_reason(server_config, client_confi
         client.send_data(b"x")
     with pytest.raises(securechan.ConnectionClosedError, match="cannot send: the connection failed"):
         client.update_keys()
-
-
-def test_buffer_updated_after_a_failure(server_config, client_config) -> None:
-    """The zero-copy input path raises a failure recorded behind delivered events once, then refuses."""
-    client, server = pair(server_config, client_config)
-    handshake(client, server)
-    server.send_data(b"good")
-    good = server.data_to_send()
-    bad = bytearray(server.seal(b"bad"))
-    bad[-1] ^= 1
-    wire = good + bytes(bad)
-    target = client.get_buffer(len(wire))
-    target[: len(wire)] = wire
-    assert client.buffer_updated(len(wire)) == [securechan.DataReceived(b"good")]
-    with pytest.raises(securechan.BadRecordMACError):
-        client.buffer_updated(0)
-    with pytest.raises(securechan.ConnectionClosedError, match="no more data is accepted"):
-        client.buffer_updated(0)
 
 
 def test_no_alert_after_our_close_notify(server_config, client_config) -> None:

@@ -278,16 +278,23 @@ async def test_oversized_frame_refused_before_buffering(serve, server_config, cl
     assert alerts == [securechan.AlertCode.RECORD_OVERFLOW]
 
 
-async def test_not_a_securechan_peer(client_config) -> None:
-    async def http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+@pytest.mark.parametrize(
+    ("greeting", "expected"),
+    [
+        (b"HTTP/1.1 400 Bad Request\r\n\r\n", "speaking HTTP"),
+        (b"SSH-2.0-OpenSSH_9.6\r\n", "peer is speaking SSH, not securechan"),
+    ],
+)
+async def test_not_a_securechan_peer(client_config, greeting: bytes, expected: str) -> None:
+    async def other(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(greeting)
         await writer.drain()
         await reader.read()
 
-    server, port = await raw_server(http)
+    server, port = await raw_server(other)
     async with server:
         err = await expect_client_error(port, client_config, securechan.DecodeError)
-    assert "speaking HTTP" in str(err)
+    assert expected in str(err)
 
 
 async def test_handshake_timeout_server_side(serve, server_config, caplog) -> None:
@@ -459,15 +466,3 @@ async def test_server_certificate_without_an_rsa_key_is_insufficient_security(pk
     )
     assert "server certificate's key is not RSA-2048 or larger" in str(err) and not err.remote
     assert alerts == [securechan.AlertCode.INSUFFICIENT_SECURITY]
-
-
-async def test_not_a_securechan_peer_ssh(client_config) -> None:
-    async def ssh(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")
-        await writer.drain()
-        await reader.read()
-
-    server, port = await raw_server(ssh)
-    async with server:
-        err = await expect_client_error(port, client_config, securechan.DecodeError)
-    assert str(err) == "peer is speaking SSH, not securechan"

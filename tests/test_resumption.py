@@ -26,7 +26,14 @@ from securechan.frames import HEADER_LEN, FrameType, pack_map, unpack_map
 from securechan.handshake import handshake_frame
 from securechan.messages import NewTicket, ServerHello
 from securechan.ticketcli import write_key_file
-from securechan.tickets import ServerTickets, TicketContents, TicketStatus, new_key_secret, read_key_file
+from securechan.tickets import (
+    CachedSession,
+    ServerTickets,
+    TicketContents,
+    TicketStatus,
+    new_key_secret,
+    read_key_file,
+)
 
 HOST = "127.0.0.1"
 
@@ -325,8 +332,10 @@ async def test_ticket_for_another_server_name_falls_back(serve, pki_dir) -> None
 # -- tampering ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["format", "key_id", "nonce", "body", "tag", "truncate", "extend"])
-async def test_tampered_ticket_falls_back(serve, pki_dir, where: str) -> None:
+async def _served_with_a_ticket(
+    serve, pki_dir
+) -> tuple[securechan.ServerConfig, securechan.ClientConfig, int, tuple[str, int, str], CachedSession]:
+    """A server, and a client that talked to it once and took the ticket it got out of its cache."""
     server_cfg = pki_dir.server_config()
     client_cfg = pki_dir.client_config()
     _, port = await serve(echo, server_cfg)
@@ -334,6 +343,12 @@ async def test_tampered_ticket_falls_back(serve, pki_dir, where: str) -> None:
     key = (HOST, port, "localhost")
     session = client_cfg.session_cache.take(key)
     assert session is not None
+    return server_cfg, client_cfg, port, key, session
+
+
+@pytest.mark.parametrize("where", ["format", "key_id", "nonce", "body", "tag", "truncate", "extend"])
+async def test_tampered_ticket_falls_back(serve, pki_dir, where: str) -> None:
+    server_cfg, client_cfg, port, key, session = await _served_with_a_ticket(serve, pki_dir)
     t = bytearray(session.ticket)
     if where == "truncate":
         t = t[:20]
@@ -351,13 +366,7 @@ async def test_tampered_ticket_falls_back(serve, pki_dir, where: str) -> None:
 
 async def test_wrong_psk_is_caught_by_the_binder(serve, pki_dir) -> None:
     """A client holding someone else's ticket but not its PSK gets a full handshake, not a session."""
-    server_cfg = pki_dir.server_config()
-    client_cfg = pki_dir.client_config()
-    _, port = await serve(echo, server_cfg)
-    await talk(port, client_cfg)
-    key = (HOST, port, "localhost")
-    session = client_cfg.session_cache.take(key)
-    assert session is not None
+    server_cfg, client_cfg, port, key, session = await _served_with_a_ticket(serve, pki_dir)
     client_cfg.session_cache.restore(key, dataclasses.replace(session, psk=bytes(32)))
     assert not (await talk(port, client_cfg)).resumed
     assert server_cfg.session_stats.fallbacks == {"invalid": 1}
@@ -879,13 +888,7 @@ async def test_authentic_ticket_with_bad_contents_falls_back(serve, pki_dir, cha
     newer or broken server sharing the key file) is a refusal with a status, never a failure."""
     import msgpack
 
-    server_cfg = pki_dir.server_config()
-    client_cfg = pki_dir.client_config()
-    _, port = await serve(echo, server_cfg)
-    await talk(port, client_cfg)
-    key = (HOST, port, "localhost")
-    session = client_cfg.session_cache.take(key)
-    assert session is not None
+    server_cfg, client_cfg, port, key, session = await _served_with_a_ticket(serve, pki_dir)
     now_ms = int(time.time() * 1000)
     contents = {"psk": session.psk, "version": 1, "suite": session.suite, "issued": now_ms,
                 "expires": now_ms + 600_000, "server_name": "localhost", **change}

@@ -20,6 +20,7 @@ from tunnelkit import (
     pair,
     plain_target,
     running,
+    secure_client,
     server_spec,
     silent_target,
     until,
@@ -68,8 +69,7 @@ async def test_target_eof_reaches_securechan_client_as_close_notify(pki_dir) -> 
         writer.close()
 
     async with plain_target(greet) as port, running(server_spec(pki_dir, f"127.0.0.1:{port}")) as (srv,):
-        reader, writer = await securechan.open_connection("127.0.0.1", srv.port, config=pki_dir.client_config(),
-                                                          server_name="localhost")
+        reader, writer = await secure_client(pki_dir, srv.port)
         assert await reader.read() == b"hello"  # b"" after close_notify, not a TruncationError
         assert reader.at_eof()
         writer.write(b"still writable after the peer's close_notify")
@@ -92,8 +92,7 @@ async def test_truncated_secure_stream_resets_the_plain_side(pki_dir, tunnel_log
         writer.close()
 
     async with plain_target(target) as port, running(server_spec(pki_dir, f"127.0.0.1:{port}")) as (srv,):
-        reader, writer = await securechan.open_connection("127.0.0.1", srv.port, config=pki_dir.client_config(),
-                                                          server_name="localhost")
+        reader, writer = await secure_client(pki_dir, srv.port)
         writer.write(b"x")
         await writer.drain()
         await until(lambda: len(srv.relays) == 1)
@@ -118,8 +117,7 @@ async def test_plain_reset_reaches_securechan_client_as_reset(pki_dir) -> None:
         writer.transport.abort()
 
     async with plain_target(resetter) as port, running(server_spec(pki_dir, f"127.0.0.1:{port}")) as (srv,):
-        reader, writer = await securechan.open_connection("127.0.0.1", srv.port, config=pki_dir.client_config(),
-                                                          server_name="localhost")
+        reader, writer = await secure_client(pki_dir, srv.port)
         assert await reader.readexactly(7) == b"partial"
         writer.write(b"go")
         with pytest.raises(ConnectionResetError):  # the tunnel resets: never a clean close_notify
@@ -192,8 +190,7 @@ async def test_target_refusing(pki_dir, tunnel_log) -> None:
 async def test_target_down_unix_socket(pki_dir, tmp_path, tunnel_log) -> None:
     spec = server_spec(pki_dir, f"unix:{tmp_path}/missing.sock")
     async with running(spec) as (srv,):
-        reader, writer = await securechan.open_connection("127.0.0.1", srv.port, config=pki_dir.client_config(),
-                                                          server_name="localhost")
+        reader, writer = await secure_client(pki_dir, srv.port)
         with pytest.raises(ConnectionResetError):  # never a clean, empty stream
             await reader.read()
         writer.transport.abort()
@@ -623,8 +620,7 @@ async def test_eof_towards_a_target_that_reset_is_a_reset(pki_dir, tunnel_log) -
         writer.transport.abort()
 
     async with plain_target(flood_then_reset) as port, running(server_spec(pki_dir, f"127.0.0.1:{port}")) as (srv,):
-        reader, writer = await securechan.open_connection("127.0.0.1", srv.port, config=pki_dir.client_config(),
-                                                          server_name="localhost")
+        reader, writer = await secure_client(pki_dir, srv.port)
         writer.transport.pause_reading()  # the client does not read
         await until(lambda: bool(srv.relays) and not next(iter(srv.relays)).target.transport.is_reading(), 20)
         reset_now.set()
@@ -650,8 +646,7 @@ async def test_last_bytes_not_taken_in_the_close_grace_are_logged_as_a_cut(pki_d
         writer.close()
 
     async with plain_target(reply_then_close) as port, running(server_spec(pki_dir, f"127.0.0.1:{port}")) as (srv,):
-        reader, writer = await securechan.open_connection("127.0.0.1", srv.port, config=pki_dir.client_config(),
-                                                          server_name="localhost")
+        reader, writer = await secure_client(pki_dir, srv.port)
         writer.transport.pause_reading()  # the client reads nothing more
         await until(lambda: bool(srv.relays))
         # The tunnel takes the whole reply (and the target's EOF) without pausing the target, so the
@@ -998,8 +993,7 @@ async def test_server_tunnel_cancelled_while_connecting_to_its_target_is_logged_
     with full_backlog() as (full, _):
         spec = server_spec(pki_dir, f"127.0.0.1:{full.getsockname()[1]}", connect_timeout=30.0)
         async with running(spec) as (srv,):
-            reader, writer = await securechan.open_connection("127.0.0.1", srv.port, config=pki_dir.client_config(),
-                                                              server_name="localhost")
+            reader, writer = await secure_client(pki_dir, srv.port)
             await connect_hangs(srv)
             assert await srv.cut_open("shutdown deadline (0 s) reached") == 1
             assert not srv.connecting and not srv._tasks and not srv.relays
@@ -1026,8 +1020,7 @@ async def test_server_relay_stopped_while_connecting_resets_the_target_connectio
 
         spec = server_spec(pki_dir, f"127.0.0.1:{full.getsockname()[1]}", connect_timeout=30.0)
         async with running(spec) as (srv,):
-            reader, writer = await securechan.open_connection("127.0.0.1", srv.port, config=pki_dir.client_config(),
-                                                              server_name="localhost")
+            reader, writer = await secure_client(pki_dir, srv.port)
             writer.write(b"early")
             await connect_hangs(srv)
             srv.cut_now("the tunnel process stopped")
@@ -1119,8 +1112,7 @@ async def test_a_securechan_client_reset_after_its_close_notify_is_a_reset(pki_d
         writer.close()
 
     async with plain_target(stream_until_cut) as port, running(server_spec(pki_dir, f"127.0.0.1:{port}")) as (srv,):
-        reader, writer = await securechan.open_connection("127.0.0.1", srv.port, config=pki_dir.client_config(),
-                                                          server_name="localhost")
+        reader, writer = await secure_client(pki_dir, srv.port)
         writer.write(b"send me more")
         writer.write_eof()  # close_notify: this direction is complete
         await reader.readexactly(65536)

@@ -9,6 +9,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import securechan
 from securechan.tunnel import Tunnel, TunnelSpec, parse_address
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -96,6 +97,11 @@ async def pair(pki: Any, target: str, *, server: dict[str, Any] | None = None,
         running(client_spec(pki, f"127.0.0.1:{srv.port}", **(client or {}))) as (cli,),
     ):
         yield srv, cli
+
+
+async def secure_client(pki: Any, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A securechan client of a server tunnel on ``port``, verifying it as 'localhost' against the test CA."""
+    return await securechan.open_connection("127.0.0.1", port, config=pki.client_config(), server_name="localhost")
 
 
 async def until(predicate: Callable[[], bool], limit: float = 10.0) -> None:
