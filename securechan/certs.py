@@ -12,6 +12,7 @@ import base64
 import binascii
 import collections
 import datetime
+import errno
 import hashlib
 import hmac
 import ipaddress
@@ -54,12 +55,17 @@ def read_bounded(path: Source, limit: int) -> tuple[bytes | None, os.stat_result
     Opened without blocking, so a FIFO put in a file's place cannot stall the caller (a reload
     runs on the event loop). ``OSError`` goes to the caller, which names the file in its message.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:  # the descriptor is closed here on every path (a directory opens, then is refused)
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
         if not stat.S_ISREG(st.st_mode):
             return None, st
-        return f.read(limit + 1), st
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(limit + 1), st
+    finally:
+        os.close(fd)
 
 
 def _read(path: Source, what: str) -> bytes:

@@ -37,7 +37,6 @@ from typing import NoReturn
 from .config import ClientConfig, ServerConfig
 from .errors import (
     AlertCode,
-    ConfigError,
     ConnectionClosedError,
     InternalError,
     SecureChannelError,
@@ -229,12 +228,6 @@ class Connection:
         self._peer_der: tuple[bytes, ...] = ()
         self._hs: ClientHandshake | ServerHandshake | None
         if isinstance(config, ClientConfig):
-            if server_name is None and config._store is not None:
-                # Refused here, not after a round trip: a local mistake, not the server's fault.
-                raise ConfigError(
-                    "server_name is required for a client that verifies the server certificate against a CA: "
-                    "pass the name the certificate is issued for (e.g. server_name='db.internal')"
-                )
             self.role = Role.CLIENT
             self._hs = ClientHandshake(config, server_name, entropy, resume_key)
             self._resume_key = self._hs.resume_key

@@ -135,6 +135,8 @@ def _sent_name(server_name: str | None) -> str | None:
 
 def check_server_name(server_name: str | None) -> None:
     """Raise ConfigError for a name no server accepts (checked before connecting, not after a round trip)."""
+    if server_name is not None and not isinstance(server_name, str):
+        raise ConfigError(f"server_name must be a string, got {type(server_name).__name__}")
     sent = _sent_name(server_name)
     if sent is not None and not is_dns_name(sent):
         raise ConfigError(
@@ -170,6 +172,12 @@ class ClientHandshake:
         resume_key: Hashable = None,
     ) -> None:
         check_server_name(server_name)
+        if server_name is None and config._store is not None:
+            # Refused here, not after a round trip: a local mistake, not the server's fault.
+            raise ConfigError(
+                "server_name is required for a client that verifies the server certificate against a CA: "
+                "pass the name the certificate is issued for (e.g. server_name='db.internal')"
+            )
         self.config = config
         self.server_name = server_name
         #: Where this connection's tickets are cached: (host, port, server name).
@@ -325,7 +333,7 @@ class ClientHandshake:
         if cfg._store is None:
             return None
         name = self.server_name
-        assert name is not None  # Connection refuses a CA-verifying client without a server name
+        assert name is not None  # __init__ refuses a CA-verifying client without a server name
         return verify_server_chain(chain, name, cfg._store, cafile_desc=cfg.trust_description)
 
     def _ticket_refused(self, code: int) -> None:

@@ -171,11 +171,12 @@ class SecureProtocol(asyncio.BufferedProtocol):
         if isinstance(error, OSError) and not isinstance(error, SecureChannelError) and not self._conn.peer_closed:
             # A reset (or another socket error) before close_notify cut the stream: report it
             # as the truncation it is, in securechan's hierarchy (still a ConnectionResetError).
-            phase = "the handshake" if not self._conn.handshake_complete else "the connection"
-            error = TruncationError(
-                f"{phase} was cut by a TCP reset or socket error before close_notify ({error.strerror or error}); "
-                "treat what was received as incomplete"
-            )
+            if self._conn.handshake_complete:
+                what = "the connection was cut by a TCP reset or socket error before close_notify"
+                advice = "; treat what was received as incomplete"
+            else:
+                what, advice = "the handshake was cut by a TCP reset or socket error", ""
+            error = TruncationError(f"{what} ({error.strerror or error}){advice}")
             if not self._conn.handshake_complete and self._error is None and self.on_handshake_failed is not None:
                 self.on_handshake_failed(self, error)  # a reset handshake is reported like any other failure
         if self._waiter is not None and not self._waiter.done():

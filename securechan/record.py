@@ -96,7 +96,7 @@ class Opener(_Direction):
         except InvalidTag:
             raise BadRecordMACError(
                 "a record failed authentication (tampered, reordered, replayed or injected); "
-                "the connection was closed and none of its bytes were delivered"
+                "the connection was closed and none of this record's bytes were delivered"
             ) from None
         self.bytes += len(out)
         return out

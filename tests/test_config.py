@@ -415,3 +415,20 @@ def test_a_pem_path_that_is_no_readable_file(pki_dir, tmp_path: Path, kind: str)
         expected = r"CA file '.*ca\.crt' cannot be read: Too many levels of symbolic links"
     with pytest.raises(securechan.ConfigError, match=expected):
         securechan.ClientConfig(cafile=path)
+
+
+def test_files_refused_before_reading_leave_no_descriptor_open(pki_dir, tmp_path: Path) -> None:
+    # A directory opens (O_RDONLY) and is then refused; a FIFO opens without blocking and is refused:
+    # either way the descriptor is closed (a ticket ring re-reads its file on every ticket it seals).
+    from securechan.tickets import read_key_file
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        for path in (tmp_path, fifo):
+            with pytest.raises(securechan.ConfigError):
+                securechan.ClientConfig(cafile=path)
+            with pytest.raises(securechan.ConfigError):
+                read_key_file(path)
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -432,3 +432,8 @@ def test_a_server_name_no_server_accepts_is_a_config_error(client_config, name: 
 @pytest.mark.parametrize("name", ["db.internal", "127.0.0.1", "::1", "_svc.example-1"])
 def test_names_and_addresses_a_server_accepts(client_config, name: str) -> None:
     securechan.Connection(client_config, server_name=name)  # no error: IP addresses are verified, not sent
+
+
+def test_a_server_name_that_is_not_text_is_a_config_error(client_config) -> None:
+    with pytest.raises(securechan.ConfigError, match="server_name must be a string, got int"):
+        securechan.Connection(client_config, server_name=2130706433)  # type: ignore[arg-type]

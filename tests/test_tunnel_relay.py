@@ -914,8 +914,7 @@ async def test_client_tunnel_target_ending_the_handshake_is_explained(pki_dir, t
     what = {
         "close": "the peer closed the connection during the handshake (client: waiting for ServerHello); it may "
                  "not be a securechan endpoint, or it rejected us without an alert",
-        "reset": "the handshake was cut by a TCP reset or socket error before close_notify (Connection reset by "
-                 "peer); treat what was received as incomplete",
+        "reset": "the handshake was cut by a TCP reset or socket error (Connection reset by peer)",
     }[how]
     assert lines(tunnel_log, logging.WARNING).count(
         f"closed: securechan handshake with 127.0.0.1:{port} failed: {what}; is 127.0.0.1:{port} a securechan "

@@ -212,6 +212,8 @@ def test_config_toml_syntax_error_names_the_line(tmp_path) -> None:
     ({"mode": "server", "cert": "c", "key": "k", "cafile": "ca"}, "cafile (--cafile) is for client tunnels"),
     ({"mode": "client", "pin": ("p",), "proxy_protocol": True}, "proxy_protocol (--proxy-protocol) is for server"),
     ({"mode": "client", "cafile": "ca", "target": "unix:/s"}, "is a Unix socket: give --server-name NAME"),
+    ({"mode": "client", "cafile": "ca", "target": ":9000"}, "target :9000 names no host: give --server-name NAME"),
+    ({"mode": "client", "cafile": "ca", "server_name": "bad name"}, "server_name 'bad name' is neither a DNS name"),
     ({"mode": "client", "cafile": "ca", "max_connections": 0}, "--max-connections) must be at least 1"),
     ({"mode": "client", "cafile": "ca", "idle_timeout": 0}, "idle_timeout (--idle-timeout) must be a positive"),
     ({"mode": "client", "cafile": "ca", "connect_retries": -1}, "must not be negative"),

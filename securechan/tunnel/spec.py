@@ -91,9 +91,10 @@ class TunnelSpec:
             if self.cafile is None and not self.pin:
                 raise ConfigError("a client tunnel must verify the server: give --cafile FILE (the CA that "
                                   "issued the server certificate) or --pin sha256:... (see 'securechan cert show')")
-            if self.target.is_unix and self.cafile is not None and not self.server_name:
-                raise ConfigError(f"target {self.target} is a Unix socket: give --server-name NAME, the name "
-                                  "the server certificate carries")
+            if self.cafile is not None and self.effective_server_name is None:
+                what = "is a Unix socket" if self.target.is_unix else "names no host"
+                raise ConfigError(f"target {self.target} {what}: give --server-name NAME, the name the server "
+                                  "certificate carries")
             try:
                 check_server_name(self.effective_server_name)
             except ConfigError as exc:
