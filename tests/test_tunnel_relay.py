@@ -1162,3 +1162,39 @@ async def test_connect_retries_reach_a_target_that_starts_listening_late(pki_dir
             ):
                 assert await asyncio.wait_for(reader.read(), 20) == b"helloBYE"
         writer.close()
+
+
+async def test_relay_run_as_a_library_between_two_plain_connections() -> None:
+    """Relay is public: its ends are the protocols of two connections the owner makes, run() starts it and
+    returns why it ended; cancelling a run() stops the relay (both connections reset)."""
+    loop = asyncio.get_running_loop()
+
+    async def wire(relay: Relay, target_port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        accepted = loop.create_future()
+        front = await loop.create_server(lambda: (accepted.set_result(None), relay.client)[1], "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", front.sockets[0].getsockname()[1])
+        await accepted
+        front.close()
+        await loop.create_connection(lambda: relay.target, "127.0.0.1", target_port)
+        return reader, writer
+
+    async with plain_target(echo_then_bye) as port:
+        relay = Relay(client_secure=False)
+        reader, writer = await wire(relay, port)
+        writer.write(b"hello")  # read by the client end before the relay starts (reading is paused)
+        writer.write_eof()
+        reason = await asyncio.wait_for(relay.run(), 10)
+        assert reason == "client closed first, then the other side"
+        assert await reader.read() == b"helloBYE" and (relay.up, relay.down) == (5, 8)
+        writer.close()
+
+        relay = Relay(client_secure=False)
+        reader, writer = await wire(relay, port)
+        running_relay = asyncio.ensure_future(relay.run())
+        await asyncio.sleep(0)
+        running_relay.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running_relay
+        assert relay.reason == "cancelled" and relay.failed
+        assert isinstance(await outcome_of_reading(reader), ConnectionResetError)
+        writer.close()
