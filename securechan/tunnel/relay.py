@@ -168,8 +168,8 @@ class End(asyncio.Protocol):
             return
         if self.lost or transport.is_closing():
             # The relay closes an end only after both directions ended, so this one is going away
-            # with an error (a failed write): the EOF cannot arrive, and the stream must not look complete.
-            self.relay.stop(f"{self.label} went away before the end of the stream")
+            # with an error (a failed write): no EOF is sent, so the stream cannot look complete, and its
+            # connection_lost, which comes next, stops the relay and names the error.
             return
         try:
             if transport.can_write_eof():
