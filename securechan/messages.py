@@ -22,11 +22,6 @@ MAX_TICKET_LEN = 12 * 1024  # room for a client chain of a few certificates
 BINDER_LEN = 32
 MAX_NAME_LEN = 253
 _HOSTNAME = re.compile(r"[A-Za-z0-9_.-]+")
-
-
-def is_dns_name(name: str) -> bool:
-    """The ClientHello's rule for ``server_name``: 1-253 letters, digits, '-', '_' and '.'."""
-    return 0 < len(name) <= MAX_NAME_LEN and _HOSTNAME.fullmatch(name) is not None
 MAX_LIST_LEN = 16
 
 # The fields each strictly decoded message may carry.
@@ -41,6 +36,11 @@ _ALERT_KEYS = frozenset({"type", "code"})
 _TYPE_ONLY = frozenset({"type"})
 _KEY_UPDATE_KEYS = frozenset({"type", "request_update"})
 _NEW_TICKET_KEYS = frozenset({"type", "ticket", "lifetime", "nonce"})
+
+
+def is_dns_name(name: str) -> bool:
+    """The ClientHello's rule for ``server_name``: 1-253 letters, digits, '-', '_' and '.'."""
+    return 0 < len(name) <= MAX_NAME_LEN and _HOSTNAME.fullmatch(name) is not None
 
 
 def _get(m: dict[str, Any], key: str, kind: type | tuple[type, ...], required: bool = True) -> Any:
