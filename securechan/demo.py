@@ -19,8 +19,18 @@ from .streams import open_connection, start_server
 
 def register(sub: Any) -> None:
     p = sub.add_parser("demo", help="run a self-contained demo: CA, server, client, data both ways")
-    p.add_argument("--megabytes", type=int, default=256, help="bytes to move each way (default 256 MB)")
+    p.add_argument("--megabytes", type=_megabytes, default=256, help="MiB to move each way (default 256)")
     p.set_defaults(func=_run)
+
+
+def _megabytes(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of MiB, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _run(args: argparse.Namespace) -> int:
