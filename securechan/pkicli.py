@@ -239,4 +239,4 @@ def _key_type(key: object) -> str:
         return f"EC {key.curve.name}"
     if isinstance(key, ed25519.Ed25519PublicKey):
         return "Ed25519"
-    return type(key).__name__
+    return type(key).__name__.lstrip("_").removesuffix("PublicKey")  # e.g. Ed448, DSA

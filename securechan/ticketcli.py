@@ -41,6 +41,13 @@ def register(sub: Any) -> None:
 
 def write_key_file(path: str, secrets: list[bytes]) -> None:
     """Write ``secrets`` atomically with mode 0600 (the temporary file is created 0600 too)."""
+    try:
+        _write_key_file(path, secrets)
+    except OSError as exc:  # a folder in the file's place, a folder this user cannot write, a full disk, ...
+        raise ConfigError(f"cannot write ticket key file {path!r}: {exc.strerror or exc}") from None
+
+
+def _write_key_file(path: str, secrets: list[bytes]) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".ticket-key-", dir=directory)
     try:

@@ -1,17 +1,24 @@
-"""``securechan ca`` / ``securechan cert``: round trips in a temporary folder, then real connections."""
+"""``securechan ca`` / ``securechan cert``: round trips in a temporary folder, then real connections.
+
+Also the error paths of ``securechan ticket-key`` (key files, like certificates and keys).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 import stat
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import securechan
 from securechan import pki
@@ -266,3 +273,126 @@ def test_default_ca_names_are_distinct(tmp_path: Path, capsys) -> None:
         cert = x509.load_pem_x509_certificate((tmp_path / d / "ca.crt").read_bytes())
         names.append(cert.subject.rfc4514_string())
     assert names[0] != names[1] and all(n.startswith("CN=securechan CA ") for n in names)
+
+
+def test_cert_issue_without_out_names_the_files_after_a_sanitised_name(tmp_path: Path) -> None:
+    assert run("ca", "init", "--dir", "ca", cwd=tmp_path).returncode == 0
+    r = run("cert", "issue", "--ca", "ca", "--name", "web 1/../x", "--ip", "127.0.0.1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "  web_1_.._x.crt  certificate + chain" in r.stdout.splitlines()
+    assert (tmp_path / "web_1_.._x.crt").is_file() and mode(tmp_path / "web_1_.._x.key") == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ca", "web_1_.._x.crt", "web_1_.._x.key"]
+    # Nothing of the name survives the cleaning: the files are called 'cert'.
+    r = run("cert", "issue", "--ca", "ca", "--name", "...", "--client", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "  cert.crt  certificate + chain" in r.stdout.splitlines()
+    assert load_certificates(tmp_path / "cert.crt")[0].subject.rfc4514_string() == "CN=..."
+    assert mode(tmp_path / "cert.key") == 0o600
+
+
+def test_cert_show_pin_of_a_key_file_is_the_certificate_pin(tmp_path: Path) -> None:
+    assert run("ca", "init", "--dir", "ca", cwd=tmp_path).returncode == 0
+    assert run("cert", "issue", "--ca", "ca", "--name", "k", "--client", "--out", "k", cwd=tmp_path).returncode == 0
+    pin = format_pin(spki_sha256(load_certificates(tmp_path / "k.crt")[0]))
+    r = run("cert", "show", "--pin", "k.key", cwd=tmp_path)
+    assert (r.returncode, r.stdout, r.stderr) == (0, pin + "\n", "")
+
+
+def odd_certificate(
+    path: Path,
+    key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey,
+    *,
+    not_before: datetime.datetime,
+    not_after: datetime.datetime,
+    extensions: Sequence[x509.ExtensionType] = (),
+) -> x509.Certificate:
+    """A certificate cut by hand (cert issue never makes these), signed by a throwaway EC issuer."""
+    issuer_key = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "odd")]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "odd issuer")]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+    )
+    for ext in extensions:
+        builder = builder.add_extension(ext, critical=False)
+    cert = builder.sign(issuer_key, hashes.SHA256())
+    path.write_bytes(pki.cert_pem(cert))
+    return cert
+
+
+def show_lines(path: Path) -> list[str]:
+    r = run("cert", "show", path.name, cwd=path.parent)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    return r.stdout.splitlines()
+
+
+def test_cert_show_expired_and_not_yet_valid(tmp_path: Path) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    # Ten days and twelve hours ago: whole days are counted, so the 12 h margin absorbs any test delay.
+    end = now - datetime.timedelta(days=10, hours=12)
+    odd_certificate(tmp_path / "old.crt", key, not_before=now - datetime.timedelta(days=40), not_after=end)
+    lines = show_lines(tmp_path / "old.crt")
+    assert lines[0] == "certificate 1 of 1 (leaf)"
+    assert [x for x in lines if x.startswith("  validity: ")] == [
+        f"  validity: {now - datetime.timedelta(days=40):%Y-%m-%d %H:%M:%S} UTC to {end:%Y-%m-%d %H:%M:%S} UTC "
+        "(EXPIRED 10 days ago)"
+    ]
+    start = now + datetime.timedelta(days=2)
+    odd_certificate(tmp_path / "early.crt", key, not_before=start, not_after=now + datetime.timedelta(days=30))
+    lines = show_lines(tmp_path / "early.crt")
+    assert [x for x in lines if x.startswith("  validity: ")] == [
+        f"  validity: {start:%Y-%m-%d %H:%M:%S} UTC to {now + datetime.timedelta(days=30):%Y-%m-%d %H:%M:%S} UTC "
+        "(NOT YET VALID)"
+    ]
+
+
+def test_cert_show_a_bare_certificate_and_unusual_key_types(tmp_path: Path) -> None:
+    """No SAN, no basic constraints, no extended key usage; Ed25519 and Ed448 subject keys."""
+    now = datetime.datetime.now(datetime.UTC)
+    valid = {"not_before": now - datetime.timedelta(days=1), "not_after": now + datetime.timedelta(days=100)}
+    odd_certificate(tmp_path / "bare.crt", ed25519.Ed25519PrivateKey.generate(), **valid)
+    lines = show_lines(tmp_path / "bare.crt")
+    assert lines[0] == "certificate 1 of 1 (leaf)"
+    assert "  names:    (none)" in lines
+    assert "  key type: Ed25519" in lines
+    assert "  usage:    server and client (no extended key usage)" in lines
+    # A CA flag that is false, with an extended key usage naming neither role.
+    odd_certificate(tmp_path / "other.crt", ed448.Ed448PrivateKey.generate(), **valid, extensions=[
+        x509.BasicConstraints(ca=False, path_length=None),
+        x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]),
+    ])
+    lines = show_lines(tmp_path / "other.crt")
+    assert "  key type: Ed448" in lines
+    assert "  usage:    neither server nor client" in lines
+
+
+def test_cert_show_a_ca_folder_certificate(tmp_path: Path) -> None:
+    assert run("ca", "init", "--dir", "ca", "--name", "Shown CA", cwd=tmp_path).returncode == 0
+    lines = show_lines(tmp_path / "ca" / "ca.crt")
+    assert lines[:3] == ["certificate 1 of 1 (root CA)", "  subject:  CN=Shown CA", "  names:    (none)"]
+    assert "  usage:    CA" in lines and "  key type: EC secp256r1" in lines
+
+
+def test_ticket_key_rotate_keep_out_of_range(tmp_path: Path) -> None:
+    assert run("ticket-key", "new", "--out", "t.key", cwd=tmp_path).returncode == 0
+    before = (tmp_path / "t.key").read_bytes()
+    for keep in ("-1", "8"):
+        r = run("ticket-key", "rotate", f"--keep={keep}", "t.key", cwd=tmp_path)
+        assert (r.returncode, r.stdout, r.stderr) == (1, "", "securechan: error: --keep must be between 0 and 7\n")
+    assert (tmp_path / "t.key").read_bytes() == before
+    assert run("ticket-key", "rotate", "--keep=7", "t.key", cwd=tmp_path).returncode == 0  # the upper bound itself
+
+
+def test_ticket_key_failed_write_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """The rename onto FILE fails (FILE is a folder): the half-made temporary key file must not stay behind."""
+    (tmp_path / "folder").mkdir()
+    r = run("ticket-key", "new", "--out", "folder", "--force", cwd=tmp_path)
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == "securechan: error: cannot write ticket key file 'folder': Is a directory\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+    assert list((tmp_path / "folder").iterdir()) == []

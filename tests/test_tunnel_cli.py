@@ -53,6 +53,17 @@ class Cli:
 
         return await asyncio.wait_for(scan(), limit)
 
+    async def wait_for_count(self, text: str, count: int, limit: float = 20) -> None:
+        """Until ``count`` lines contain ``text`` (several workers log the same line)."""
+        async def scan() -> None:
+            while sum(text in line for line in self.lines) < count:
+                if self._reader.done():
+                    raise AssertionError(f"exited without logging {text!r} {count} times:\n" + self.output)
+                self._new.clear()
+                await self._new.wait()
+
+        await asyncio.wait_for(scan(), limit)
+
     async def exit_code(self, limit: float = 30) -> int:
         code = await asyncio.wait_for(self.proc.wait(), limit)
         await self._reader
@@ -342,3 +353,103 @@ async def test_encrypted_key_passphrase_from_environment(pki_dir, tmp_path, monk
     finally:
         await cli.stop()
     assert "correct horse" not in cli.output
+
+
+async def test_workers_option_errors_exit_3(pki_dir, tmp_path) -> None:
+    base = ["server", "--target", "127.0.0.1:1", "--cert", str(pki_dir.server_cert), "--key", str(pki_dir.server_key)]
+    cases = [
+        (["--workers", "0", "--listen", f"127.0.0.1:{free_port()}"], "securechan: error: --workers must be at least 1"),
+        *((["--workers", "2", "--listen", listen],
+           "securechan: error: tunnel 'server': --workers 2 shares the listening port through SO_REUSEPORT, "
+           "which needs a fixed TCP port (not port 0 or a Unix socket)")
+          for listen in ("127.0.0.1:0", f"unix:{tmp_path / 'tunnel.sock'}")),
+    ]
+    for extra, message in cases:
+        cli = await Cli.start(*base, *extra)
+        try:
+            assert await cli.exit_code() == 3, cli.output
+        finally:
+            await cli.stop()
+        assert cli.lines == [message], extra
+
+
+async def start_workers(pki_dir, port: int, workers: int = 2) -> tuple[Cli, list[int]]:
+    """``securechan server --workers N`` on a fixed port, once every worker is ready; returns the worker pids."""
+    cli = await Cli.start("server", "--workers", str(workers), "--listen", f"127.0.0.1:{port}",
+                          "--target", "127.0.0.1:1", "--cert", str(pki_dir.server_cert),
+                          "--key", str(pki_dir.server_key))
+    try:
+        started = await cli.wait_for(f"started {workers} workers")
+        pids = [int(p) for p in started.rsplit(": ", 1)[1].split()]
+        await cli.wait_for_count("ready: 1 tunnel", workers)
+    except BaseException:
+        await cli.stop()
+        raise
+    assert sorted(pids) == sorted(children_of(cli.proc.pid))
+    return cli, pids
+
+
+def kill_leftovers(pids: list[int]) -> None:
+    """After a failed test: end the workers this test started (by pid), so the output pipe closes."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+async def test_a_worker_that_dies_stops_the_others_and_the_supervisor_exits_1(pki_dir) -> None:
+    cli, pids = await start_workers(pki_dir, free_port())
+    finished = False
+    try:
+        victim, survivor = pids
+        os.kill(victim, signal.SIGKILL)  # e.g. the OOM killer
+        assert await cli.exit_code() == 1
+        finished = True
+    finally:
+        if not finished:
+            kill_leftovers(pids)
+        await cli.stop()
+    assert any(line.endswith(f"worker {victim} exited with code 1; stopping the other workers") for line in cli.lines)
+    assert sum("exited with code" in line for line in cli.lines) == 1
+    assert sum("shutting down (SIGTERM)" in line for line in cli.lines) == 1  # the survivor drained
+    assert sum("stopped: 0 connections relayed" in line for line in cli.lines) == 1
+
+
+async def test_workers_that_cannot_listen_make_the_supervisor_exit_4(pki_dir) -> None:
+    busy = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # no SO_REUSEPORT: no worker can join
+    port = busy.sockets[0].getsockname()[1]
+    try:
+        cli = await Cli.start("server", "--workers", "2", "--listen", f"127.0.0.1:{port}", "--target", "127.0.0.1:1",
+                              "--cert", str(pki_dir.server_cert), "--key", str(pki_dir.server_key))
+        try:
+            assert await cli.exit_code() == 4, cli.output
+        finally:
+            await cli.stop()
+    finally:
+        busy.close()
+        await busy.wait_closed()
+    # The first worker's failure is logged and stops the other (which may fail the same way or be stopped first).
+    assert sum(line.endswith("exited with code 4; stopping the other workers") for line in cli.lines) == 1
+    errors = [line for line in cli.lines if line.startswith("securechan: error:")]
+    assert 1 <= len(errors) <= 2 and set(errors) == {
+        f"securechan: error: tunnel 'server' cannot listen on 127.0.0.1:{port}: Address already in use; "
+        "another process is listening there; stop it or choose another port"
+    }, cli.output
+    assert "ready:" not in cli.output
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(pki_dir) -> None:
+    cli, pids = await start_workers(pki_dir, free_port())
+    finished = False
+    try:
+        cli.proc.kill()  # SIGKILL: no signal is forwarded; each worker must notice on its own
+        # (within its 1 s check). The output pipe closes only when both workers have exited.
+        assert await cli.exit_code() == -signal.SIGKILL
+        finished = True
+    finally:
+        if not finished:
+            kill_leftovers(pids)
+        await cli.stop()
+    assert sum("shutting down (supervisor exited)" in line for line in cli.lines) == 2, cli.output
+    assert sum("stopped: 0 connections relayed" in line for line in cli.lines) == 2, cli.output

@@ -150,11 +150,17 @@ def _guarded(body: Callable[[], int]) -> int:
     try:
         return body()
     except ConfigError as exc:
-        print(f"securechan: error: {exc}", file=sys.stderr)
+        _say_error(exc)
         return EXIT_CONFIG
     except ListenError as exc:
-        print(f"securechan: error: {exc}", file=sys.stderr)
+        _say_error(exc)
         return EXIT_LISTEN
+
+
+def _say_error(exc: Exception) -> None:
+    # One write for the whole line: workers share the supervisor's stderr, and a line must not be split.
+    sys.stderr.write(f"securechan: error: {exc}\n")
+    sys.stderr.flush()
 
 
 def _supervise(workers: int, child: Callable[[int], int]) -> int:
@@ -175,6 +181,8 @@ def _supervise(workers: int, child: Callable[[int], int]) -> int:
                 logging.getLogger("securechan.tunnel").exception("worker %d failed", os.getpid())
             finally:
                 logging.shutdown()
+                sys.stdout.flush()  # os._exit skips the interpreter's own flushing
+                sys.stderr.flush()
                 os._exit(code)
         pids.append(pid)
     log.info("supervisor %d: started %d workers sharing the port (SO_REUSEPORT): %s", parent, workers,
