@@ -68,6 +68,11 @@ def read_bounded(path: Source, limit: int) -> tuple[bytes | None, os.stat_result
         os.close(fd)
 
 
+def key_kind(key: object) -> str:
+    """A key's algorithm as its class names it: ``DSA``, ``Ed448``, ... (for messages about unusual keys)."""
+    return type(key).__name__.lstrip("_").removesuffix("PrivateKey").removesuffix("PublicKey")
+
+
 def _read(path: Source, what: str) -> bytes:
     where = repr(os.fspath(path))
     try:
@@ -136,8 +141,7 @@ def load_private_key(
             f"key file {where}: unsupported key ({type(exc).__name__}: {exc}); use RSA, EC P-256 or Ed25519"
         ) from None
     if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey)):
-        kind = type(key).__name__.lstrip("_").removesuffix("PrivateKey")
-        raise ConfigError(f"key file {where} holds a {kind} key; use RSA, EC P-256 or Ed25519")
+        raise ConfigError(f"key file {where} holds a {key_kind(key)} key; use RSA, EC P-256 or Ed25519")
     check_key_permissions(path)
     return key
 

@@ -24,6 +24,7 @@ from . import pki
 from .certs import (
     check_key_permissions,
     format_pin,
+    key_kind,
     load_certificates,
     load_private_key,
     public_key_der,
@@ -239,4 +240,4 @@ def _key_type(key: object) -> str:
         return f"EC {key.curve.name}"
     if isinstance(key, ed25519.Ed25519PublicKey):
         return "Ed25519"
-    return type(key).__name__.lstrip("_").removesuffix("PublicKey")  # e.g. Ed448, DSA
+    return key_kind(key)  # e.g. Ed448, DSA
