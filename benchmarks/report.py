@@ -92,10 +92,11 @@ def ratio_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
                                      ("redis_ping_c50", "tunnel redis PING c=50", "spiped", 1.0),
                                      ("redis_new_conn", "tunnel new connections (redis -k 0)", "spiped", 2.0)):
         per = t.get(fig) or {}
-        if "securechan" in per:
-            for p in ("direct", "stunnel", "spiped"):
-                if p in per:
-                    rows.append(_row(f"{label}", per["securechan"], p, per[p], target if p == peer else None))
+        for ours, mode in (("securechan", ""), ("securechan-mux", ", --mux")):
+            if ours in per:
+                for p in ("direct", "stunnel", "spiped"):
+                    if p in per:
+                        rows.append(_row(f"{label}{mode}", per[ours], p, per[p], target if p == peer else None))
     return [row for row in rows if row is not None]
 
 

@@ -9,6 +9,7 @@ load generator and the tunnel's client end) run on one core, the server-side pro
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -173,18 +174,20 @@ def spiped(target: int, pki: BenchPKI, work: Path) -> Iterator[Front]:
 
 
 @contextlib.contextmanager
-def securechan_tunnel(target: int, pki: BenchPKI, work: Path) -> Iterator[Front]:
+def securechan_tunnel(target: int, pki: BenchPKI, work: Path, *, mux: bool = False) -> Iterator[Front]:
+    """A securechan tunnel pair; ``mux``: the client tunnel carries every connection over one (``--mux``)."""
     mid, front = free_port(), free_port()
     sc = [sys.executable, "-m", "securechan"]
     server_argv = [*sc, "server", "--listen", f"127.0.0.1:{mid}", "--target", f"127.0.0.1:{target}",
                    "--cert", str(pki.cert), "--key", str(pki.key)]
     client_argv = [*sc, "client", "--listen", f"127.0.0.1:{front}", "--target", f"127.0.0.1:{mid}",
-                   "--cafile", str(pki.ca), "--server-name", "127.0.0.1"]
+                   "--cafile", str(pki.ca), "--server-name", "127.0.0.1", *(["--mux"] if mux else [])]
     with pair(work, server_argv, client_argv, mid, front, cwd=ROOT) as ends:
         yield ends
 
 
-CONTENDERS = {"direct": direct, "stunnel": stunnel, "spiped": spiped, "securechan": securechan_tunnel}
+CONTENDERS = {"direct": direct, "stunnel": stunnel, "spiped": spiped, "securechan": securechan_tunnel,
+              "securechan-mux": functools.partial(securechan_tunnel, mux=True)}
 
 
 def available() -> tuple[dict[str, Any], dict[str, str]]:
@@ -196,7 +199,7 @@ def available() -> tuple[dict[str, Any], dict[str, str]]:
             notes[name] = "stunnel4 not installed (make bench-peers)"
         elif name == "spiped" and missing_programs("spiped"):
             notes[name] = "spiped not installed (make bench-peers)"
-        elif name == "securechan" and (why := securechan_tunnel_missing()):
+        elif name.startswith("securechan") and (why := securechan_tunnel_missing()):
             notes[name] = why
         else:
             ok[name] = ctx

@@ -68,7 +68,7 @@ def _floor(mode: str) -> Callable[[int, pkiutil.BenchPKI, Path], contextlib.Abst
 
 
 FLOORS = {"relay": _floor("plain"), "aead-relay": _floor("aead")}
-CONTENDERS = ("securechan", "spiped", "stunnel", *FLOORS)
+CONTENDERS = ("securechan", "securechan-mux", "spiped", "stunnel", *FLOORS)
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
@@ -138,7 +138,7 @@ def report(results: dict[str, Any]) -> str:
     titles = {"ping": "PING, 50 clients, kept-alive connections", "new": "PING, a new connection per request"}
     for load, per_name in results.items():
         lines.append(f"{titles[load]}:")
-        lines.append(f"  {'contender':<11} {'requests/s':>22} {'vs spiped':>10}   "
+        lines.append(f"  {'contender':<14} {'requests/s':>22} {'vs spiped':>10}   "
                      f"{'client end: user + sys':>24}   {'server end: user + sys':>24}")
         spiped = per_name.get("spiped", {}).get("rate", {}).get("median")
         for name, figures in per_name.items():
@@ -148,7 +148,7 @@ def report(results: dict[str, Any]) -> str:
             for end in ("client", "server"):
                 user, system = figures[f"{end}_user"]["median"], figures[f"{end}_sys"]["median"]
                 ends.append(f"{user:8.1f} + {system:6.1f} µs/request")
-            lines.append(f"  {name:<11} {rate['median']:>9,.0f} [{rate['min']:,.0f} … {rate['max']:,.0f}] {ratio}   "
+            lines.append(f"  {name:<14} {rate['median']:>9,.0f} [{rate['min']:,.0f} … {rate['max']:,.0f}] {ratio}   "
                          f"{ends[0]:>24}   {ends[1]:>24}")
         if {"securechan", "aead-relay"} <= per_name.keys():
             diffs = [s - f for end in ("client", "server")

@@ -29,6 +29,7 @@ from .certs import (
 from .clientauth import scheme_for_key
 from .errors import ConfigError
 from .frames import DEFAULT_RECORD_SIZE, MAX_RECORD_SIZE, MIN_RECORD_SIZE
+from .messages import MAX_LIST_LEN, is_protocol_name
 from .suites import DEFAULT_SUITES, SUPPORTED_VERSIONS, Suite
 from .tickets import ServerTickets, SessionStats, TicketCache
 
@@ -71,6 +72,16 @@ def _common_checks(cfg: _Common) -> None:
         raise ConfigError(f"key_update_bytes must be between 1 and {DEFAULT_KEY_UPDATE_BYTES * 2}")
     if cfg.key_update_interval is not None and not cfg.key_update_interval > 0:
         raise ConfigError("key_update_interval must be a positive number of seconds (or None to update by volume only)")
+    if isinstance(cfg.alpn_protocols, str):
+        raise ConfigError("alpn_protocols must be a list of protocol names, not one string")
+    protocols = tuple(cfg.alpn_protocols)
+    for name in protocols:
+        if not isinstance(name, str) or not is_protocol_name(name):
+            raise ConfigError(f"alpn_protocols: {name!r} is not a protocol name (1-64 printable ASCII characters, "
+                              "no spaces)")
+    if len(protocols) > MAX_LIST_LEN or len(set(protocols)) != len(protocols):
+        raise ConfigError(f"alpn_protocols must list at most {MAX_LIST_LEN} distinct names")
+    _set(cfg, "alpn_protocols", protocols)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +96,9 @@ class _Common:
     key_update_bytes: int = DEFAULT_KEY_UPDATE_BYTES
     #: Seconds after which the sending key is ratcheted before the next record (None: by volume only).
     key_update_interval: float | None = None
+    #: Application protocols spoken over the channel, in preference order (negotiated like TLS ALPN:
+    #: the server picks the first of its own that the client offered; see SessionInfo.alpn_protocol).
+    alpn_protocols: Sequence[str] = ()
 
     # Derived once per config for the handshake: the suites' wire codes (preference order)
     # and the versions newest first.

@@ -587,6 +587,7 @@ class Connection:
             peer_chain=s.peer_chain,
             max_record_size=s.send_record_limit,
             _exporter=_exporter_of(self._exporter_secret),
+            alpn_protocol=s.alpn,
         )
         s.client_traffic = s.server_traffic = s.exporter = s.resumption = b""
         if client:

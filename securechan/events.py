@@ -21,6 +21,8 @@ class SessionInfo:
     peer_chain: tuple[x509.Certificate, ...]
     max_record_size: int
     _exporter: Callable[[bytes, bytes, int], bytes] = field(repr=False, compare=False)
+    #: The application protocol both sides agreed on (``alpn_protocols`` in the configs), or None.
+    alpn_protocol: str | None = None
 
     @property
     def peer_certificate(self) -> x509.Certificate | None:

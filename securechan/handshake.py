@@ -105,6 +105,8 @@ class Secrets:
     resumed: bool = False
     #: ``peer_chain`` as the DER it was parsed from (kept for tickets, so nothing is re-encoded).
     peer_der: tuple[bytes, ...] = ()
+    #: The negotiated application protocol (None: none).
+    alpn: str | None = None
 
 
 @dataclass
@@ -191,6 +193,7 @@ class ClientHandshake:
         self._expect: type = ServerHello
         self._server_finished_key = b""
         self._secrets: Secrets | None = None
+        self._alpn: str | None = None
 
     def start(self) -> Step:
         cfg = self.config
@@ -203,6 +206,7 @@ class ClientHandshake:
             max_record=cfg.max_record_size,
             server_name=_sent_name(self.server_name),
             accept_tickets=cfg.resume,
+            alpn=cfg.alpn_protocols,  # type: ignore[arg-type]  # a tuple once the config checked it
         )
         self._offer = self._cached_session()
         if self._offer is not None:
@@ -248,6 +252,10 @@ class ClientHandshake:
             raise IllegalParameterError(f"server chose suite {sh.suite}, which this client did not offer")
         if sh.key_wrap not in self._hello.key_wraps:
             raise IllegalParameterError(f"server chose key wrap {sh.key_wrap}, which this client did not offer")
+        if sh.alpn is not None and sh.alpn not in self._hello.alpn:
+            raise IllegalParameterError(
+                f"server chose application protocol {sh.alpn!r}, which this client did not offer")
+        self._alpn = sh.alpn
         if sh.resumed or sh.ticket_status:
             if self._offer is None or (sh.resumed and sh.ticket_status):
                 raise IllegalParameterError("server answered a session ticket this client did not offer")
@@ -283,6 +291,7 @@ class ClientHandshake:
             send_record_limit=min(sh.max_record, self.config.max_record_size),
             peer_chain=tuple(chain),
             peer_der=sh.certificates,
+            alpn=sh.alpn,
         )
         self._expect = Finished
         return Step(frames=[*frames, kx, fin], secrets=self._secrets)
@@ -379,6 +388,7 @@ class ClientHandshake:
             peer_chain=session.server_chain,
             resumed=True,
             peer_der=session.server_der,
+            alpn=self._alpn,
         )
         self._resumed_keys = {}
         self._expect = type(None)
@@ -420,6 +430,7 @@ class ServerHandshake:
         self._client_error: SecureChannelError | None = None
         #: th1, the transcript hash through KeyExchange (full handshake).
         self._th1 = b""
+        self._alpn: str | None = None
 
     @property
     def issues_ticket(self) -> bool:
@@ -493,6 +504,7 @@ class ServerHandshake:
         self.client_accepts_tickets = ch.accept_tickets
         self._client_auth = SUPPORTED_SCHEMES if cfg.requires_client_certificate else ()
         self._client_max_record = ch.max_record
+        self._alpn = next((p for p in cfg.alpn_protocols if p in ch.alpn), None)
         self._x25519 = _ephemeral_key(self._entropy)
         self._dhe = _dh(self._x25519, ch.x25519)
         ticket_status = TicketStatus.ACCEPTED
@@ -511,6 +523,7 @@ class ServerHandshake:
             certificates=cfg._chain_der,
             client_auth=self._client_auth,
             ticket_status=int(ticket_status),
+            alpn=self._alpn,
         )
         self._version, self._suite = version, suite
         frame = handshake_frame(sh)
@@ -548,6 +561,7 @@ class ServerHandshake:
             x25519=_x25519_public(self._x25519),
             max_record=self.config.max_record_size,
             resumed=True,
+            alpn=self._alpn,
         )
         self._version, self._suite = r.version, Suite(r.suite)
         sh_frame = handshake_frame(sh)
@@ -578,6 +592,7 @@ class ServerHandshake:
             peer_chain=self._client_chain,
             resumed=resumed,
             peer_der=self._client_der,
+            alpn=self._alpn,
         )
         self._s = {}
         self._expect = type(None)

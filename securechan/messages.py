@@ -23,11 +23,13 @@ BINDER_LEN = 32
 MAX_NAME_LEN = 253
 _HOSTNAME = re.compile(r"[A-Za-z0-9_.-]+")
 MAX_LIST_LEN = 16
+MAX_PROTOCOL_LEN = 64
+_PROTOCOL = re.compile(r"[\x21-\x7e]+")
 
 # The fields each strictly decoded message may carry.
 _SERVER_HELLO_KEYS = frozenset({
     "type", "version", "random", "suite", "key_wrap", "x25519", "max_record", "certificates",
-    "client_auth", "resumed", "ticket_status",
+    "client_auth", "resumed", "ticket_status", "alpn",
 })
 _KEY_EXCHANGE_KEYS = frozenset({"type", "wrapped_key"})
 _CLIENT_CERTIFICATE_KEYS = frozenset({"type", "certificates", "scheme", "signature"})
@@ -41,6 +43,11 @@ _NEW_TICKET_KEYS = frozenset({"type", "ticket", "lifetime", "nonce"})
 def is_dns_name(name: str) -> bool:
     """The ClientHello's rule for ``server_name``: 1-253 letters, digits, '-', '_' and '.'."""
     return 0 < len(name) <= MAX_NAME_LEN and _HOSTNAME.fullmatch(name) is not None
+
+
+def is_protocol_name(name: str) -> bool:
+    """The rule for an application protocol name (``alpn``): 1-64 printable ASCII characters, no spaces."""
+    return 0 < len(name) <= MAX_PROTOCOL_LEN and _PROTOCOL.fullmatch(name) is not None
 
 
 def _get(m: dict[str, Any], key: str, kind: type | tuple[type, ...], required: bool = True) -> Any:
@@ -95,6 +102,27 @@ def _bin_list(m: dict[str, Any], key: str, max_items: int, max_item: int, requir
     return tuple(value)
 
 
+def _protocol(m: dict[str, Any], key: str) -> str | None:
+    value: str | None = _get(m, key, str, required=False)
+    if value is not None and not is_protocol_name(value):
+        raise DecodeError(f"{m.get('type', 'message')}: field {key!r} must be 1-64 printable ASCII characters")
+    return value
+
+
+def _protocol_list(m: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = _get(m, key, list, required=False)
+    if value is None:
+        return ()
+    ok = 1 <= len(value) <= MAX_LIST_LEN
+    for v in value:
+        if not ok:
+            break
+        ok = isinstance(v, str) and is_protocol_name(v)
+    if not ok:
+        raise DecodeError(f"{m.get('type', 'message')}: field {key!r} must be a list of 1-16 protocol names")
+    return tuple(value)
+
+
 def _exact_keys(m: dict[str, Any], allowed: frozenset[str]) -> None:
     if not allowed.issuperset(m):
         extra = set(m) - allowed
@@ -113,6 +141,8 @@ class ClientHello:
     server_name: str | None = None
     #: The client keeps session tickets: the server may send new_ticket (see docs/PROTOCOL.md).
     accept_tickets: bool = False
+    #: Application protocols the client speaks over this channel, in its preference order (empty: none offered).
+    alpn: tuple[str, ...] = ()
     #: Opaque session ticket for resumption (see docs/PROTOCOL.md).
     ticket: bytes | None = None
     #: HMAC proving the client holds the ticket's PSK; present exactly when ``ticket`` is.
@@ -134,6 +164,8 @@ class ClientHello:
             m["server_name"] = self.server_name
         if self.accept_tickets:
             m["tickets"] = True
+        if self.alpn:
+            m["alpn"] = list(self.alpn)
         if self.ticket is not None:
             m["ticket"] = self.ticket
         if self.binder is not None:
@@ -145,7 +177,7 @@ class ClientHello:
         return ClientHello(
             versions=self.versions, random=self.random, suites=self.suites, key_wraps=self.key_wraps,
             x25519=self.x25519, max_record=self.max_record, server_name=self.server_name,
-            accept_tickets=self.accept_tickets, ticket=ticket, binder=binder,
+            accept_tickets=self.accept_tickets, alpn=self.alpn, ticket=ticket, binder=binder,
         )
 
     @classmethod
@@ -162,6 +194,7 @@ class ClientHello:
             max_record=_int(m, "max_record", MIN_RECORD_SIZE, MAX_RECORD_SIZE),
             server_name=name,
             accept_tickets=_get(m, "tickets", bool, required=False) or False,
+            alpn=_protocol_list(m, "alpn"),
             ticket=_bin(m, "ticket", 1, MAX_TICKET_LEN, required=False),
             binder=_binder(m),
         )
@@ -192,6 +225,8 @@ class ServerHello:
     resumed: bool = False
     #: Why an offered ticket was not used (securechan.tickets.TicketStatus; 0 = none offered or accepted).
     ticket_status: int = 0
+    #: The application protocol chosen from the client's ``alpn`` list (None: none chosen).
+    alpn: str | None = None
 
     def encode(self) -> dict[str, Any]:
         m: dict[str, Any] = {
@@ -211,6 +246,8 @@ class ServerHello:
             m["resumed"] = True
         if self.ticket_status:
             m["ticket_status"] = self.ticket_status
+        if self.alpn is not None:
+            m["alpn"] = self.alpn
         return m
 
     @classmethod
@@ -231,6 +268,7 @@ class ServerHello:
             client_auth=_int_list(m, "client_auth") if "client_auth" in m else (),
             resumed=resumed,
             ticket_status=_int(m, "ticket_status", 1, 255, required=False) or 0,
+            alpn=_protocol(m, "alpn"),
         )
 
 

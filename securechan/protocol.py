@@ -324,6 +324,8 @@ class SecureTransport(asyncio.Transport):
             return session.peer_certificate
         if name == "peer_chain":
             return session.peer_chain
+        if name == "alpn_protocol":
+            return session.alpn_protocol
         if name == "cipher":  # the shape ssl transports use: (name, protocol, secret bits)
             bits = 128 if session.suite == "AES-128-GCM" else 256
             return (session.suite, f"securechan/{session.version}", bits)

@@ -57,6 +57,15 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     return factories
 
 
+@pytest.fixture(params=[False, True], ids=["per-connection", "mux"])
+def via(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Run a tunnel-pair test twice: one securechan connection per connection, and all over one (``--mux``)."""
+    import tunnelkit
+
+    monkeypatch.setattr(tunnelkit, "MUX", request.param)
+    return bool(request.param)
+
+
 @pytest.fixture(scope="session")
 def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     d = tmp_path_factory.mktemp("pki")

@@ -453,3 +453,68 @@ async def test_workers_stop_when_the_supervisor_is_killed(pki_dir) -> None:
         await cli.stop()
     assert sum("shutting down (supervisor exited)" in line for line in cli.lines) == 2, cli.output
     assert sum("stopped: 0 connections relayed" in line for line in cli.lines) == 2, cli.output
+
+
+async def test_mux_client_program_carries_connections_and_moves_to_new_certificates_on_sighup(
+        pki_dir, tmp_path) -> None:
+    """``securechan client --mux`` against ``securechan server``: one carrier for many connections; a SIGHUP
+    on the server sends the client to a new carrier while open streams go on."""
+    cert, key = pki_dir.issue("localhost", ips=["127.0.0.1"])
+    live_cert, live_key = tmp_path / "live.crt", tmp_path / "live.key"
+    live_cert.write_bytes(cert.read_bytes())
+    live_key.write_bytes(key.read_bytes())
+    live_key.chmod(0o600)
+    mid, front = free_port(), free_port()
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+        writer.close()
+
+    async def round_trip(writer: asyncio.StreamWriter, reader: asyncio.StreamReader, data: bytes) -> None:
+        writer.write(data)
+        assert await reader.readexactly(len(data)) == data
+
+    async with plain_target(echo) as target:
+        server = await Cli.start("server", "--listen", f"127.0.0.1:{mid}", "--target", f"127.0.0.1:{target}",
+                                 "--cert", str(live_cert), "--key", str(live_key))
+        client = await Cli.start("client", "--listen", f"127.0.0.1:{front}", "--target", f"127.0.0.1:{mid}",
+                                 "--cafile", str(pki_dir.ca_file), "--server-name", "localhost", "--mux")
+        try:
+            await server.wait_for("ready: 1 tunnel")
+            await client.wait_for("ready: 1 tunnel")
+            long_reader, long_writer = await asyncio.open_connection("127.0.0.1", front)
+            await round_trip(long_writer, long_reader, b"first")
+            for i in range(5):
+                reader, writer = await asyncio.open_connection("127.0.0.1", front)
+                await round_trip(writer, reader, b"short %d" % i)
+                writer.write_eof()
+                assert await reader.read() == b""  # a clean end, stream by stream
+                writer.close()
+            await server.wait_for_count("stream ", 5)
+            assert sum("multiplexed securechan connection to" in line for line in client.lines) == 1, client.output
+            new_cert, new_key = pki_dir.issue("localhost", ips=["127.0.0.1"])
+            live_cert.write_bytes(new_cert.read_bytes())
+            live_key.write_bytes(new_key.read_bytes())
+            server.proc.send_signal(signal.SIGHUP)
+            await server.wait_for("reloaded certificates")
+            def carriers() -> int:
+                return sum("multiplexed securechan connection to" in line for line in client.lines)
+
+            for _ in range(200):  # new connections go on the old carrier only until its GOAWAY arrives
+                reader, writer = await asyncio.open_connection("127.0.0.1", front)
+                await round_trip(writer, reader, b"after the reload")
+                writer.close()
+                if carriers() == 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert carriers() == 2, client.output
+            await round_trip(long_writer, long_reader, b"the stream opened before the reload goes on")
+            long_writer.close()
+            for cli in (client, server):
+                cli.proc.send_signal(signal.SIGTERM)
+                assert await cli.exit_code() == 0, cli.output
+            assert "Traceback" not in client.output + server.output
+        finally:
+            await client.stop()
+            await server.stop()

@@ -10,7 +10,7 @@ import sys
 from collections.abc import AsyncIterator
 
 import pytest
-from tunnelkit import free_port, pair, until
+from tunnelkit import free_port, no_connections, pair, until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -52,7 +52,7 @@ async def run(*argv: str, stdin: bytes | None = None) -> bytes:
 
 @pytest.mark.skipif(not shutil.which("redis-server") or not shutil.which("redis-cli"),
                     reason="redis-server/redis-tools not installed (.ci/run installs them)")
-async def test_redis_set_get_and_pipeline_through_tunnels(pki_dir, tmp_path) -> None:
+async def test_redis_set_get_and_pipeline_through_tunnels(pki_dir, via, tmp_path) -> None:
     port = free_port()
     async with service("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                        "--appendonly", "no", "--dir", str(tmp_path), port=port), \
@@ -68,12 +68,12 @@ async def test_redis_set_get_and_pipeline_through_tunnels(pki_dir, tmp_path) -> 
         assert b"errors: 0, replies: 1000" in out
         assert await run("redis-cli", "-h", "127.0.0.1", "-p", cp, "LLEN", "list") == b"1000\n"
         assert await run("redis-cli", "-h", "127.0.0.1", "-p", cp, "LINDEX", "list", "999") == b"999\n"
-        await until(lambda: cli.active == 0 and srv.active == 0)
+        await until(lambda: no_connections(srv, cli))
         assert cli.completed == srv.completed == 5
 
 
 @pytest.mark.skipif(not shutil.which("curl"), reason="curl not installed (.ci/run installs it)")
-async def test_http_50mb_download_checksum(pki_dir, tmp_path) -> None:
+async def test_http_50mb_download_checksum(pki_dir, via, tmp_path) -> None:
     www = tmp_path / "www"
     www.mkdir()
     blob = www / "blob.bin"

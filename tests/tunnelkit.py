@@ -88,13 +88,18 @@ async def running(*specs: TunnelSpec) -> AsyncIterator[list[Tunnel]]:
             await t.close(2)
 
 
+#: Whether :func:`pair` makes a multiplexing client tunnel (``--mux``); the ``via`` fixture sets it per test.
+MUX = False
+
+
 @contextlib.asynccontextmanager
 async def pair(pki: Any, target: str, *, server: dict[str, Any] | None = None,
                client: dict[str, Any] | None = None) -> AsyncIterator[tuple[Tunnel, Tunnel]]:
     """A server tunnel in front of ``target`` and a client tunnel in front of that server tunnel."""
+    client = {"mux": MUX, **(client or {})}
     async with (
         running(server_spec(pki, target, **(server or {}))) as (srv,),
-        running(client_spec(pki, f"127.0.0.1:{srv.port}", **(client or {}))) as (cli,),
+        running(client_spec(pki, f"127.0.0.1:{srv.port}", **client)) as (cli,),
     ):
         yield srv, cli
 
@@ -112,3 +117,9 @@ async def until(predicate: Callable[[], bool], limit: float = 10.0) -> None:
         if loop.time() > end:
             raise AssertionError(f"condition not reached within {limit} s")
         await asyncio.sleep(0.02)
+
+
+def no_connections(*tunnels: Tunnel) -> bool:
+    """No connection is open or being set up (a server tunnel's multiplexed connections, idle, may stay)."""
+    return all(not t.relays and not t.connecting
+               and t.active == (len(t.carriers) if t.spec.mode == "server" else 0) for t in tunnels)

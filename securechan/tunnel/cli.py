@@ -54,6 +54,9 @@ def register(sub: Any) -> None:
                         help="accept the server key with this SPKI pin, sha256:<hex> (repeatable)")
     verify.add_argument("--server-name", metavar="NAME",
                         help="name the server certificate must carry (default: the --target host)")
+    client.add_argument("--mux", action="store_true",
+                        help="carry every connection as a stream of one securechan connection to the server "
+                             "tunnel (no handshake per connection; the server tunnel needs no option)")
     client.set_defaults(func=_run_client)
 
     runner = sub.add_parser(
@@ -116,6 +119,7 @@ def _spec(args: argparse.Namespace, mode: str) -> TunnelSpec:
         cafile=None if server else args.cafile,
         pin=() if server else tuple(args.pin),
         server_name=None if server else args.server_name,
+        mux=False if server else args.mux,
         max_connections=args.max_connections, handshake_timeout=args.handshake_timeout,
         connect_timeout=args.connect_timeout, connect_retries=args.connect_retries, retry_delay=args.retry_delay,
         idle_timeout=args.idle_timeout, max_lifetime=args.max_lifetime, quiet=args.quiet,

@@ -41,16 +41,22 @@ from ..errors import (
     HandshakeTimeoutError,
     ListenError,
     NameMismatchError,
+    SecureChannelError,
     TruncationError,
 )
 from ..protocol import SecureProtocol
-from . import proxyproto
+from . import mux, proxyproto
 from .addresses import Address, connect
 from .relay import End, Relay
 from .relay import reset as _reset
 from .spec import TunnelSpec
 
 log = logging.getLogger("securechan.tunnel")
+
+#: Seconds a client tunnel keeps a multiplexed connection without streams before closing it.
+MUX_CLIENT_IDLE = 30.0
+#: Seconds a server tunnel waits on a multiplexed connection without streams before asking the client to close it.
+MUX_SERVER_IDLE = 300.0
 
 
 @functools.lru_cache(maxsize=256)
@@ -66,10 +72,17 @@ def _peer_text(peer: Any) -> str:
     return f"unix:{peer}" if peer else "unix peer"
 
 
+class _CarrierFailed(Exception):
+    """The multiplexed connection to the server tunnel could not be made; the text says why."""
+
+
 def _session_text(secure_end: End) -> tuple[str, str]:
     """The verified server identity and the suite of a client tunnel's secure end, for its log line."""
-    secure = secure_end.transport
-    assert secure is not None
+    assert secure_end.transport is not None
+    return _session_text_of(secure_end.transport)
+
+
+def _session_text_of(secure: asyncio.BaseTransport) -> tuple[str, str]:
     session = secure.get_extra_info("securechan")
     cert = secure.get_extra_info("peercert")
     identity = _identity(cert) if cert is not None else "pinned key"
@@ -78,6 +91,13 @@ def _session_text(secure_end: End) -> tuple[str, str]:
 
 class _TunnelProtocol(SecureProtocol):
     """A tunnel's SecureProtocol: what :meth:`Tunnel.cut_now` can reset while it is still in the handshake."""
+
+    #: connection_made ran: the protocol has had its socket and is not handed to a retry.
+    made = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made = True
+        super().connection_made(transport)
 
     def abort(self) -> None:
         if self._tcp is not None:
@@ -123,14 +143,8 @@ class _ClientProtocol(_TunnelProtocol):
         self._peer_text = peer
         self._started = started
         self._settled = False
-        #: connection_made ran: the protocol has had its socket and is not handed to a retry.
-        self.made = False
         self.on_handshake_failed = lambda _proto, exc: self.settle_failed(tunnel._handshake_failure(exc))
         relay.target.on_connected = self._ready
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.made = True
-        super().connection_made(transport)
 
     def _ready(self, end: End) -> None:
         if self._settled:  # reported as failed already (cannot happen: a cut aborts the socket first)
@@ -179,6 +193,11 @@ class Tunnel:
         self._protocols: set[_TunnelProtocol] = set()
         self._closing = False
         self._hurry = False
+        #: Multiplexed connections (server: every one; client: those still in use) and, on a client
+        #: tunnel, the one new streams go to and the task making the next one.
+        self.carriers: set[mux.MuxSession] = set()
+        self._mux_current: mux.MuxSession | None = None
+        self._mux_pending: asyncio.Future[mux.MuxSession] | None = None
         #: Totals since start, for the shutdown line and for tests.
         self.accepted = 0
         self.rejected = 0
@@ -241,6 +260,16 @@ class Tunnel:
         self._closing = True
         if self.server is not None:
             self.server.close()
+        self._retire_carriers(refuse_now=True)
+
+    def _retire_carriers(self, *, refuse_now: bool) -> None:
+        """No new streams on today's multiplexed connections; each closes once its streams have ended."""
+        self._mux_current = None
+        for session in list(self.carriers):
+            if self.spec.mode == "server":
+                session.goaway(refuse_now=refuse_now)
+            else:
+                session.retire()
 
     async def drain(self, deadline: float | None) -> int:
         """Wait up to ``deadline`` seconds (None: forever) for open connections to finish; abort the rest.
@@ -295,6 +324,10 @@ class Tunnel:
             relay.stop(reason)
         for proto in list(self._protocols):
             proto.abort()
+        for session in list(self.carriers):
+            session.abort()
+        if self._mux_pending is not None:
+            self._mux_pending.cancel()
 
     @property
     def open_count(self) -> int:
@@ -324,6 +357,8 @@ class Tunnel:
             self._server_config = config
         else:
             self._client_config = self.spec.client_config()
+        # Multiplexed connections move to the new certificates too: new streams go to new connections.
+        self._retire_carriers(refuse_now=False)
         log.info("tunnel %r: reloaded certificates for new connections", self.spec.title)
 
     # -- accounting -------------------------------------------------------------------------
@@ -370,13 +405,54 @@ class Tunnel:
 
     def _make_protocol(self) -> SecureProtocol:
         assert self._server_config is not None
-        relay = self._new_relay(client_secure=True)
         started = asyncio.get_running_loop().time()
-        relay.client.on_connected = lambda _: self._spawn(self._serve_secure(relay, started))
-        proto = _CountedProtocol(self, Connection(self._server_config), lambda: relay.client, None,
+
+        def app_protocol() -> asyncio.BaseProtocol:  # called once the handshake completed
+            assert proto.app_transport is not None
+            if proto.app_transport.get_extra_info("alpn_protocol") == mux.PROTOCOL:
+                return self._accept_carrier(proto)
+            relay = self._new_relay(client_secure=True)
+            relay.client.on_connected = lambda _: self._spawn(self._serve_secure(relay, started, release=False))
+            return relay.client
+
+        proto = _CountedProtocol(self, Connection(self._server_config), app_protocol, None,
                                  self.spec.handshake_timeout)
         proto.on_handshake_failed = self._handshake_failed
         return proto
+
+    def _accept_carrier(self, proto: SecureProtocol) -> mux.MuxSession:
+        """A client tunnel with --mux: its streams are this tunnel's connections (each counted and logged)."""
+        session = mux.MuxSession(server=True, on_open=self._open_stream, on_lost=self._carrier_lost,
+                                 idle_timeout=MUX_SERVER_IDLE)
+        self.carriers.add(session)
+        log.debug("tunnel %r: %s multiplexed connection established", self.spec.title, _peer_text(proto._peer))
+        if self._closing:  # shutting down: refuse its streams (once it is connected)
+            asyncio.get_running_loop().call_soon(functools.partial(session.goaway, refuse_now=True))
+        return session
+
+    def _open_stream(self, session: mux.MuxSession, stream_id: int) -> asyncio.Protocol | None:
+        """An OPEN from a client tunnel: admit it like an accepted connection, or refuse it (None)."""
+        if self._closing or self.active >= self.spec.max_connections:
+            self.rejected += 1
+            if not self._closing:
+                log.warning("tunnel %r: connection limit (%d) reached; refused stream %d from %s "
+                            "(raise --max-connections if this load is expected)", self.spec.title,
+                            self.spec.max_connections, stream_id, _peer_text(session.carrier_info("peername")))
+            return None
+        self.active += 1
+        self.accepted += 1
+        relay = self._new_relay(client_secure=True)
+        started = asyncio.get_running_loop().time()
+        relay.client.on_connected = lambda _: self._spawn(self._serve_secure(relay, started, release=True))
+        return relay.client
+
+    def _carrier_lost(self, session: mux.MuxSession, exc: Exception | None) -> None:
+        self.carriers.discard(session)
+        if self._mux_current is session:
+            self._mux_current = None
+        level = logging.DEBUG if exc is None or isinstance(session.error, mux.MuxProtocolError) else logging.INFO
+        log.log(level, "tunnel %r: multiplexed connection with %s closed%s", self.spec.title,
+                _peer_text(session.carrier_info("peername")), f": {exc}" if exc is not None else "")
 
     def _handshake_failed(self, proto: SecureProtocol, exc: BaseException) -> None:
         peer = _peer_text(proto._peer)
@@ -385,12 +461,16 @@ class Tunnel:
         level = (logging.DEBUG if self.spec.quiet else logging.INFO) if routine else logging.WARNING
         log.log(level, "tunnel %r: %s handshake failed: %s", self.spec.title, peer, exc)
 
-    async def _serve_secure(self, relay: Relay, started: float) -> None:
+    async def _serve_secure(self, relay: Relay, started: float, *, release: bool) -> None:
+        """``release``: the relay holds its own connection slot (a stream), not its securechan connection."""
         spec = self.spec
         secure = relay.client.transport
         assert secure is not None
         peer_addr = secure.get_extra_info("peername")
         peer = _peer_text(peer_addr)
+        stream_id = secure.get_extra_info("mux_stream")
+        if stream_id is not None:
+            peer += f" stream {stream_id}"
         session = secure.get_extra_info("securechan")
         cert = secure.get_extra_info("peercert")
         identity = _identity(cert) if cert is not None else "none"
@@ -400,12 +480,18 @@ class Tunnel:
             await connect(spec.target, lambda: relay.target, spec.connect_timeout, spec.connect_retries,
                           spec.retry_delay, connected=lambda: relay.target.transport is not None)
         except OSError as exc:
+            if isinstance(relay.client.transport, mux.MuxStream):
+                relay.client.transport.reset(mux.RESET_TARGET_FAILED)
             relay.stop("target connection failed")
+            if release:
+                self._release()
             self._log_end(peer, identity, suite, None, _target_failure(spec.target, spec.connect_timeout, exc),
                           started, failed=True)
             return
         except asyncio.CancelledError:
             relay.stop("cancelled")
+            if release:
+                self._release()
             self._log_end(peer, identity, suite, None, relay.reason or "cancelled", started, failed=True)
             raise
         finally:
@@ -421,7 +507,7 @@ class Tunnel:
             relay.target.transport.write(proxyproto.header(
                 peer_addr, secure.get_extra_info("sockname"),
                 proxyproto.ssl_tlv(f"securechan/{session.version}", session.suite, cn)))
-        self._start_relay(relay, peer, identity, suite, started, release=False)
+        self._start_relay(relay, peer, identity, suite, started, release=release)
 
     def _start_relay(self, relay: Relay, peer: str, identity: str, suite: str, started: float, *,
                      release: bool) -> None:
@@ -450,8 +536,96 @@ class Tunnel:
 
     def _plain_connected(self, end: End) -> None:
         assert end.transport is not None
-        if self._admit(end.transport):
+        if not self._admit(end.transport):
+            return
+        if not self.spec.mux:
             self._spawn(self._serve_plain(end.relay))
+        elif self._mux_current is not None and self._mux_current.usable:
+            # The usual case: a stream on the connection already made (no task, no round trip).
+            self._open_mux_stream(self._mux_current, end.relay, asyncio.get_running_loop().time())
+        else:
+            self._spawn(self._serve_plain_mux(end.relay))
+
+    async def _serve_plain_mux(self, relay: Relay) -> None:
+        """Wait for the multiplexed connection to the server tunnel (made once for all waiting), then open a stream."""
+        started = asyncio.get_running_loop().time()
+        self.connecting.add(relay)
+        try:
+            session = await self._carrier()
+        except asyncio.CancelledError:
+            relay.stop("cancelled")
+            self._client_failed(None, relay, self._plain_peer(relay), started, relay.reason or "cancelled")
+            raise
+        except _CarrierFailed as exc:
+            self._client_failed(None, relay, self._plain_peer(relay), started, str(exc))
+            return
+        if relay.reason is not None:  # the plain client went away (or the tunnel cut it) meanwhile
+            self._client_failed(None, relay, self._plain_peer(relay), started, relay.reason)
+            return
+        self._open_mux_stream(session, relay, started)
+
+    @staticmethod
+    def _plain_peer(relay: Relay) -> str:
+        transport = relay.client.transport
+        return _peer_text(transport.get_extra_info("peername") if transport is not None else None)
+
+    def _open_mux_stream(self, session: mux.MuxSession, relay: Relay, started: float) -> None:
+        session.open_stream(relay.target)
+        identity, suite = _session_text(relay.target)
+        self._start_relay(relay, self._plain_peer(relay), identity, suite, started, release=True)
+
+    async def _carrier(self) -> mux.MuxSession:
+        """The multiplexed connection new streams go to: the current one, or the one being made."""
+        current = self._mux_current
+        if current is not None and current.usable:
+            return current
+        if self._mux_pending is None or self._mux_pending.done():
+            pending = self._mux_pending = asyncio.ensure_future(self._make_carrier())
+            # Waiters may all be gone (cut) when it fails: its error is theirs, not the loop's.
+            pending.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return await asyncio.shield(self._mux_pending)
+
+    async def _make_carrier(self) -> mux.MuxSession:
+        spec, cfg = self.spec, self._client_config
+        assert cfg is not None
+        target, name = spec.target, spec.effective_server_name
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        session = mux.MuxSession(server=False, on_lost=self._carrier_lost, idle_timeout=MUX_CLIENT_IDLE)
+        try:
+            connection = Connection(cfg, server_name=name, resume_key=(target.path or target.host, target.port, name))
+        except Exception as exc:
+            raise _CarrierFailed(f"cannot start a securechan connection ({type(exc).__name__}: {exc})") from None
+        proto = _TunnelProtocol(connection, lambda: session, waiter, cfg.handshake_timeout)
+        self._protocols.add(proto)
+        try:
+            try:
+                await connect(target, lambda: proto, spec.connect_timeout, spec.connect_retries, spec.retry_delay,
+                              connected=lambda: proto.made)
+            except OSError as exc:
+                raise _CarrierFailed(_target_failure(target, spec.connect_timeout, exc)) from None
+            try:
+                await waiter
+            except (SecureChannelError, OSError) as exc:
+                raise _CarrierFailed(self._handshake_failure(exc)) from None
+        except BaseException:
+            proto.abort()
+            raise
+        finally:
+            self._protocols.discard(proto)
+        if session.carrier is None or session.carrier.get_extra_info("alpn_protocol") != mux.PROTOCOL:
+            proto.abort()
+            raise _CarrierFailed(f"the server tunnel at {target} does not accept multiplexed connections (--mux): "
+                                 "upgrade it, or run this client tunnel without --mux")
+        self.carriers.add(session)
+        if self._closing:
+            session.retire()
+        else:
+            self._mux_current = session
+        identity, suite = _session_text_of(session.carrier)
+        log.info("tunnel %r: multiplexed securechan connection to %s established: identity=%s suite=%s",
+                 spec.title, target, identity, suite)
+        return session
 
     async def _serve_plain(self, relay: Relay) -> None:
         """Make the TCP connection to the server tunnel; the handshake and the relay go on in callbacks."""
@@ -503,6 +677,7 @@ class Tunnel:
         self._log_end(peer, "-", "-", None, why, started, failed=True)
 
     def _handshake_failure(self, exc: BaseException) -> str:
+        """What a failed handshake with the server tunnel means, for the log line of the connection it failed."""
         spec = self.spec
         where = f"securechan handshake with {spec.target} failed"
         if isinstance(exc, NameMismatchError):

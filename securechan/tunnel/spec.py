@@ -12,6 +12,7 @@ from ..config import ClientConfig, ServerConfig
 from ..errors import ConfigError
 from ..handshake import check_server_name
 from .addresses import Address
+from .mux import PROTOCOL as MUX_PROTOCOL
 
 Mode = Literal["server", "client"]
 
@@ -44,6 +45,8 @@ class TunnelSpec:
     cafile: str | None = None
     pin: tuple[str, ...] = ()
     server_name: str | None = None
+    #: client side: carry every connection over one multiplexed securechan connection (server tunnels accept both)
+    mux: bool = False
     # limits
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
@@ -87,6 +90,9 @@ class TunnelSpec:
                 if other:
                     raise ConfigError(f"{opt} (--{opt.replace('_', '-')}) is for client tunnels; "
                                       "a server tunnel proves itself with --cert/--key")
+            if self.mux:
+                raise ConfigError("mux (--mux) is for client tunnels; a server tunnel accepts multiplexed and "
+                                  "one-per-connection clients alike")
         else:
             if self.cafile is None and not self.pin:
                 raise ConfigError("a client tunnel must verify the server: give --cafile FILE (the CA that "
@@ -118,6 +124,7 @@ class TunnelSpec:
         return ServerConfig(
             certfile=self.cert, keyfile=self.key, password=read_passphrase(self.key_pass_env, self.key_pass_file),
             handshake_timeout=self.handshake_timeout, client_cafile=self.client_ca, allow=allow,
+            alpn_protocols=(MUX_PROTOCOL,),
         )
 
     def client_config(self) -> ClientConfig:
@@ -125,6 +132,7 @@ class TunnelSpec:
         return ClientConfig(
             cafile=self.cafile, pin=list(self.pin) or None, handshake_timeout=self.handshake_timeout,
             certfile=self.cert, keyfile=self.key, password=read_passphrase(self.key_pass_env, self.key_pass_file),
+            alpn_protocols=(MUX_PROTOCOL,) if self.mux else (),
         )
 
 

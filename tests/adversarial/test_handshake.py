@@ -351,6 +351,53 @@ async def test_server_hello_suite_not_offered(server_config, pki_dir) -> None:
     await finish(server, strict)
 
 
+async def test_alpn_offer_stripped_from_client_hello(pki_dir) -> None:
+    """Removing the client's application-protocol offer breaks the transcript: decrypt_error."""
+    server_config = pki_dir.server_config(alpn_protocols=["securechan-mux/1"])
+    client_config = pki_dir.client_config(alpn_protocols=["securechan-mux/1"], resume=False)
+    attack = OnHandshakeFrame(CLIENT_HELLO, lambda f: [rewrite(f, alpn=None)])
+    cerr, serr, flow, server, _ = await attacked_handshake(server_config, client_config, attack)
+    assert "alpn" not in message_of(flow.frames[Direction.S2C][0])  # the server chose nothing ...
+    assert type(serr) is securechan.HandshakeAuthError and type(cerr) is securechan.HandshakeAuthError  # ... in vain
+    check_alerts(cerr, serr, flow)
+    await finish(server, client_config)
+
+
+async def test_alpn_offer_replaced_in_client_hello(pki_dir) -> None:
+    """An offer rewritten to a protocol the client never offered: the client refuses the server's choice."""
+    server_config = pki_dir.server_config(alpn_protocols=["other/1", "securechan-mux/1"])
+    client_config = pki_dir.client_config(alpn_protocols=["securechan-mux/1"], resume=False)
+    attack = OnHandshakeFrame(CLIENT_HELLO, lambda f: [rewrite(f, alpn=["other/1"])])
+    cerr, serr, flow, server, _ = await attacked_handshake(server_config, client_config, attack)
+    assert message_of(flow.frames[Direction.S2C][0])["alpn"] == "other/1"
+    assert type(cerr) is securechan.IllegalParameterError and "'other/1'" in str(cerr)
+    assert type(serr) is securechan.IllegalParameterError and serr.remote
+    await finish(server, client_config)
+
+
+async def test_alpn_choice_stripped_from_server_hello(pki_dir) -> None:
+    """The server's choice removed (so the client would run without it): the Finished MACs catch it."""
+    server_config = pki_dir.server_config(alpn_protocols=["securechan-mux/1"])
+    client_config = pki_dir.client_config(alpn_protocols=["securechan-mux/1"], resume=False)
+    attack = OnHandshakeFrame(SERVER_HELLO, lambda f: [rewrite(f, alpn=None)])
+    cerr, serr, flow, server, _ = await attacked_handshake(server_config, client_config, attack)
+    assert type(serr) is securechan.HandshakeAuthError and type(cerr) is securechan.HandshakeAuthError
+    check_alerts(cerr, serr, flow)
+    await finish(server, client_config)
+
+
+async def test_alpn_choice_not_offered_is_illegal(pki_dir) -> None:
+    server_config = pki_dir.server_config(alpn_protocols=["securechan-mux/1"])
+    client_config = pki_dir.client_config(alpn_protocols=["securechan-mux/1"], resume=False)
+    attack = OnHandshakeFrame(SERVER_HELLO, lambda f: [rewrite(f, alpn="other/1")])
+    cerr, serr, flow, server, _ = await attacked_handshake(server_config, client_config, attack)
+    assert type(cerr) is securechan.IllegalParameterError and not cerr.remote
+    assert "application protocol 'other/1'" in str(cerr)
+    assert type(serr) is securechan.IllegalParameterError and serr.remote
+    assert flow.alerts[Direction.C2S] == [AlertCode.ILLEGAL_PARAMETER]
+    await finish(server, client_config)
+
+
 # -- certificate substitution -------------------------------------------------------------
 
 
