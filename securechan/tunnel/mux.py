@@ -59,6 +59,8 @@ MAX_CREDIT = 2**31 - 1
 _RETURN_AT = WINDOW // 4
 #: Stream identifiers stop here: a client opens a new carrier well before they could wrap.
 MAX_STREAM_ID = 2**31
+#: Bytes of RESETs a side queues, in answer to a peer's frames, for a peer that is not reading before it gives up.
+MAX_ANSWERS_UNREAD = 64 * 1024
 #: Seconds an advisory GOAWAY leaves for OPENs already on the wire.
 GOAWAY_GRACE = 10.0
 
@@ -99,9 +101,10 @@ class MuxStream(asyncio.Transport):
         self._send_credit = WINDOW
         self._recv_credit = WINDOW
         self._consumed = 0
-        self._backlog: list[bytes] = []
-        self._backlog_size = 0
-        self._inbox: list[bytes] = []
+        #: Bytes written beyond the credit, and bytes received while reading is paused: one buffer
+        #: each (never one object per frame), both bounded by the window.
+        self._backlog = bytearray()
+        self._inbox = bytearray()
         self._reading = True
         self._app_paused = False
         self._fin_sent = False
@@ -140,7 +143,6 @@ class MuxStream(asyncio.Transport):
             return
         self._closing = True
         self._backlog.clear()
-        self._backlog_size = 0
         self._inbox.clear()
         session = self._session
         if session.streams.get(self.stream_id) is self:
@@ -176,7 +178,11 @@ class MuxStream(asyncio.Transport):
         self._flush_backlog()
 
     def get_write_buffer_size(self) -> int:
-        return self._backlog_size
+        return len(self._backlog)
+
+    def get_read_buffer_size(self) -> int:
+        """Bytes received and held while reading is paused (at most the window)."""
+        return len(self._inbox)
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
         return (0, 0)
@@ -199,8 +205,7 @@ class MuxStream(asyncio.Transport):
             self._send_credit = 0
             self._session.send_data(self.stream_id, data[:credit])
             data = data[credit:]
-        self._backlog.append(bytes(data))
-        self._backlog_size += len(data)
+        self._backlog += data
         self._update_pause()
 
     def writelines(self, list_of_data: Any) -> None:
@@ -213,7 +218,7 @@ class MuxStream(asyncio.Transport):
         if self._fin_received or self._lost:
             return
         if not self._reading or self._inbox:
-            self._inbox.append(chunk)
+            self._inbox += chunk
             return
         self._protocol.data_received(chunk)
         self._consumed += len(chunk)
@@ -227,11 +232,12 @@ class MuxStream(asyncio.Transport):
             self._session.send_control(WINDOW_UPDATE, self.stream_id, _WINDOW_INC.pack(consumed))
 
     def _hand_on_inbox(self) -> None:
-        while self._inbox and self._reading and not self._lost:
-            chunk = self._inbox.pop(0)
+        if self._inbox:
+            chunk = bytes(self._inbox)  # all of it in one call, however many frames brought it
+            self._inbox.clear()
             self._protocol.data_received(chunk)
             self._consumed += len(chunk)
-        if self._lost:
+        if self._lost or not self._reading:
             return
         if not self._inbox and self._fin_received and not self._eof_delivered:
             self._deliver_eof()
@@ -247,17 +253,13 @@ class MuxStream(asyncio.Transport):
 
     def _flush_backlog(self) -> None:
         session = self._session
-        while self._backlog and self._send_credit > 0:
-            chunk = self._backlog[0]
-            take = min(len(chunk), self._send_credit)
-            session.send_data(self.stream_id, chunk[:take] if take < len(chunk) else chunk)
+        backlog = self._backlog
+        if backlog and self._send_credit > 0:
+            take = min(len(backlog), self._send_credit)
+            session.send_data(self.stream_id, bytes(backlog[:take]))
+            del backlog[:take]  # a bytearray drops its head without moving the rest
             self._send_credit -= take
-            self._backlog_size -= take
-            if take < len(chunk):
-                self._backlog[0] = chunk[take:]
-            else:
-                self._backlog.pop(0)
-        if self._backlog:
+        if backlog:
             self._update_pause()
             return
         if self._fin_wanted and not self._fin_sent and not self._lost:
@@ -287,7 +289,6 @@ class MuxStream(asyncio.Transport):
     def _cut(self, exc: Exception | None) -> None:
         """Reset by the other end, or gone with the carrier: drop what is buffered, report ``exc``."""
         self._backlog.clear()
-        self._backlog_size = 0
         self._inbox.clear()
         self._closing = True
         self._lose(exc)
@@ -326,9 +327,12 @@ class MuxSession(asyncio.Protocol):
         on_open: Callable[[MuxSession, int], asyncio.Protocol | None] | None = None,
         on_lost: Callable[[MuxSession, Exception | None], None] | None = None,
         idle_timeout: float | None = None,
+        label: str = "",
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.server = server
+        #: How log lines name the owner (e.g. "tunnel 'redis'").
+        self.label = label
         self._on_open = on_open
         self._on_lost = on_lost
         self.idle_timeout = idle_timeout
@@ -348,6 +352,9 @@ class MuxSession(asyncio.Protocol):
         self.closed = False
         self.error: Exception | None = None
         self._out: list[bytes] = []
+        #: Bytes of RESETs the other end's frames made us send (refused OPENs, DATA for closed streams)
+        #: while it was not reading: bounded, so a peer cannot make us queue answers it never takes.
+        self._answers_unread = 0
         self._partial = b""
         self._body_left = 0
         self._body_stream: MuxStream | None = None
@@ -379,6 +386,7 @@ class MuxSession(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writing_paused = False
+        self._answers_unread = 0
         for stream in list(self.live):
             stream._update_pause()
 
@@ -403,7 +411,8 @@ class MuxSession(asyncio.Protocol):
 
     def open_stream(self, protocol: asyncio.Protocol) -> MuxStream:
         """Client: a new stream to the server tunnel's target; ``protocol.connection_made`` runs at once."""
-        assert not self.server and self.usable
+        if self.server or not self.usable:
+            raise ConnectionError("this multiplexed connection takes no new streams (closed, or going away)")
         self.last_id += 1
         stream = MuxStream(self, self.last_id, protocol)
         self.streams[stream.stream_id] = stream
@@ -453,8 +462,8 @@ class MuxSession(asyncio.Protocol):
             return
         self.closed = True
         self.error = exc
-        log.warning("multiplexed securechan connection with %s broken: %s; connection and its %d streams aborted",
-                    _peer(self.carrier), exc, len(self.live))
+        log.warning("%smultiplexed securechan connection with %s broken: %s; connection and its %d streams aborted",
+                    f"{self.label}: " if self.label else "", _peer(self.carrier), exc, len(self.live))
         self._out.clear()
         self._end_streams(StreamResetError(f"the multiplexed connection failed: {exc}"))
         self.abort()
@@ -478,6 +487,15 @@ class MuxSession(asyncio.Protocol):
         if not out:
             self.loop.call_soon(self._flush)
         out.append(HEADER.pack(kind, stream_id, len(payload)) + payload)
+
+    def _answer(self, kind: int, stream_id: int, payload: bytes) -> None:
+        """A frame sent because of the other end's frames: refused if it is not reading them."""
+        if self.writing_paused:
+            self._answers_unread += HEADER.size + len(payload)
+            if self._answers_unread > MAX_ANSWERS_UNREAD:
+                raise MuxProtocolError(f"the other end kept sending frames that need an answer (RESET) while not "
+                                       f"reading the answers (over {MAX_ANSWERS_UNREAD} bytes of them)")
+        self.send_control(kind, stream_id, payload)
 
     def forget_if_done(self, stream: MuxStream) -> None:
         if stream._fin_sent and stream._fin_received and self.streams.get(stream.stream_id) is stream:
@@ -591,7 +609,7 @@ class MuxSession(asyncio.Protocol):
         if stream._lost:
             # Closed here with the other direction still open: like TCP, answer data with a reset.
             del self.streams[stream_id]
-            self.send_control(RESET, stream_id, bytes((RESET_ABORTED,)))
+            self._answer(RESET, stream_id, bytes((RESET_ABORTED,)))
             return None
         return stream
 
@@ -639,7 +657,7 @@ class MuxSession(asyncio.Protocol):
         protocol = None if self._refusing() else self._on_open(self, stream_id)
         if protocol is None:
             # Refused: the stream exists only long enough to be reset; what the client sent on it is dropped.
-            self.send_control(RESET, stream_id, bytes((RESET_REFUSED,)))
+            self._answer(RESET, stream_id, bytes((RESET_REFUSED,)))
             return
         stream = MuxStream(self, stream_id, protocol)
         self.streams[stream_id] = stream

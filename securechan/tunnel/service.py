@@ -198,6 +198,8 @@ class Tunnel:
         self.carriers: set[mux.MuxSession] = set()
         self._mux_current: mux.MuxSession | None = None
         self._mux_pending: asyncio.Future[mux.MuxSession] | None = None
+        self._refusal_logged = -1e9
+        self._refusals_unlogged = 0
         #: Totals since start, for the shutdown line and for tests.
         self.accepted = 0
         self.rejected = 0
@@ -423,11 +425,13 @@ class Tunnel:
     def _accept_carrier(self, proto: SecureProtocol) -> mux.MuxSession:
         """A client tunnel with --mux: its streams are this tunnel's connections (each counted and logged)."""
         session = mux.MuxSession(server=True, on_open=self._open_stream, on_lost=self._carrier_lost,
-                                 idle_timeout=MUX_SERVER_IDLE)
+                                 idle_timeout=MUX_SERVER_IDLE, label=f"tunnel {self.spec.title!r}")
         self.carriers.add(session)
         log.debug("tunnel %r: %s multiplexed connection established", self.spec.title, _peer_text(proto._peer))
-        if self._closing:  # shutting down: refuse its streams (once it is connected)
-            asyncio.get_running_loop().call_soon(functools.partial(session.goaway, refuse_now=True))
+        if self._closing or proto._conn.config is not self._server_config:
+            # Shutting down (refuse its streams), or its handshake began before a reload: the client
+            # moves to a connection made under today's certificates and access list.
+            asyncio.get_running_loop().call_soon(functools.partial(session.goaway, refuse_now=self._closing))
         return session
 
     def _open_stream(self, session: mux.MuxSession, stream_id: int) -> asyncio.Protocol | None:
@@ -435,9 +439,7 @@ class Tunnel:
         if self._closing or self.active >= self.spec.max_connections:
             self.rejected += 1
             if not self._closing:
-                log.warning("tunnel %r: connection limit (%d) reached; refused stream %d from %s "
-                            "(raise --max-connections if this load is expected)", self.spec.title,
-                            self.spec.max_connections, stream_id, _peer_text(session.carrier_info("peername")))
+                self._log_refused_stream(session, stream_id)
             return None
         self.active += 1
         self.accepted += 1
@@ -445,6 +447,18 @@ class Tunnel:
         started = asyncio.get_running_loop().time()
         relay.client.on_connected = lambda _: self._spawn(self._serve_secure(relay, started, release=True))
         return relay.client
+
+    def _log_refused_stream(self, session: mux.MuxSession, stream_id: int) -> None:
+        """One line per second at most: a client may open streams far faster than lines are worth writing."""
+        now = asyncio.get_running_loop().time()
+        if now - self._refusal_logged < 1.0:
+            self._refusals_unlogged += 1
+            return
+        more = f"; {self._refusals_unlogged} more refused since the last line" if self._refusals_unlogged else ""
+        self._refusal_logged, self._refusals_unlogged = now, 0
+        log.warning("tunnel %r: connection limit (%d) reached; refused stream %d from %s%s "
+                    "(raise --max-connections if this load is expected)", self.spec.title,
+                    self.spec.max_connections, stream_id, _peer_text(session.carrier_info("peername")), more)
 
     def _carrier_lost(self, session: mux.MuxSession, exc: Exception | None) -> None:
         self.carriers.discard(session)
@@ -551,7 +565,15 @@ class Tunnel:
         started = asyncio.get_running_loop().time()
         self.connecting.add(relay)
         try:
-            session = await self._carrier()
+            # A carrier can stop taking streams between its handshake and this task's turn (a GOAWAY
+            # in its first read, a loss): then the next one is made, once.
+            for _ in range(2):
+                session = await self._carrier()
+                if session.usable:
+                    break
+            else:
+                raise _CarrierFailed(f"the multiplexed connection to {self.spec.target} closed as soon as it was "
+                                     "made, twice; the server tunnel's log says why")
         except asyncio.CancelledError:
             relay.stop("cancelled")
             self._client_failed(None, relay, self._plain_peer(relay), started, relay.reason or "cancelled")
@@ -570,8 +592,16 @@ class Tunnel:
         return _peer_text(transport.get_extra_info("peername") if transport is not None else None)
 
     def _open_mux_stream(self, session: mux.MuxSession, relay: Relay, started: float) -> None:
-        session.open_stream(relay.target)
-        identity, suite = _session_text(relay.target)
+        try:
+            session.open_stream(relay.target)
+            identity, suite = _session_text(relay.target)
+        except Exception as exc:
+            # A defect, not the peer: the connection is not left hanging with its slot taken.
+            self._client_failed(None, relay, self._plain_peer(relay), started,
+                                f"internal error while opening a stream ({type(exc).__name__})")
+            asyncio.get_running_loop().call_exception_handler(
+                {"message": "exception while opening a multiplexed stream", "exception": exc})
+            return
         self._start_relay(relay, self._plain_peer(relay), identity, suite, started, release=True)
 
     async def _carrier(self) -> mux.MuxSession:
@@ -591,7 +621,8 @@ class Tunnel:
         target, name = spec.target, spec.effective_server_name
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
-        session = mux.MuxSession(server=False, on_lost=self._carrier_lost, idle_timeout=MUX_CLIENT_IDLE)
+        session = mux.MuxSession(server=False, on_lost=self._carrier_lost, idle_timeout=MUX_CLIENT_IDLE,
+                                 label=f"tunnel {spec.title!r}")
         try:
             connection = Connection(cfg, server_name=name, resume_key=(target.path or target.host, target.port, name))
         except Exception as exc:
@@ -617,9 +648,15 @@ class Tunnel:
             proto.abort()
             raise _CarrierFailed(f"the server tunnel at {target} does not accept multiplexed connections (--mux): "
                                  "upgrade it, or run this client tunnel without --mux")
-        self.carriers.add(session)
         if self._closing:
-            session.retire()
+            session.close()
+            raise _CarrierFailed("the tunnel is shutting down")
+        if session.closed:
+            raise _CarrierFailed(f"the multiplexed connection to {target} closed as soon as it was made "
+                                 f"({session.error or 'closed by the server tunnel'})")
+        self.carriers.add(session)
+        if cfg is not self._client_config:
+            session.retire()  # made with the configuration before a reload: new streams wait for the next one
         else:
             self._mux_current = session
         identity, suite = _session_text_of(session.carrier)
