@@ -44,6 +44,9 @@ log = logging.getLogger("securechan")
 #: Seconds a failed connection may spend flushing its alert before the socket is aborted.
 FATAL_CLOSE_GRACE = 2.0
 
+#: In ``writelines``, a buffer at least this large gets its own record(s) instead of being joined with others.
+_OWN_RECORD = 16 * 1024
+
 #: Seconds without a read after which a connection's grown receive buffer is released.
 IDLE_RELEASE_SECONDS = 1.0
 
@@ -355,7 +358,26 @@ class SecureTransport(asyncio.Transport):
             tcp.writelines(parts)
 
     def writelines(self, list_of_data: Any) -> None:
-        self.write(b"".join(list_of_data))
+        """One TCP write for all: small buffers share a record, a large one is sealed as it is (not copied first)."""
+        proto = self._proto
+        cork = proto._cork is None  # else the handshake's last flight is held already: join it
+        if cork:
+            proto._cork = []
+        try:
+            small: list[Any] = []
+            for data in list_of_data:
+                if len(data) < _OWN_RECORD:
+                    small.append(data)
+                    continue
+                if small:
+                    self.write(b"".join(small))
+                    small = []
+                self.write(data)
+            if small:
+                self.write(small[0] if len(small) == 1 else b"".join(small))
+        finally:
+            if cork:
+                proto._uncork()
 
     def write_eof(self) -> None:
         if self._eof_written:

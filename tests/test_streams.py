@@ -510,6 +510,19 @@ async def test_writelines_sends_the_parts_joined_in_order(serve, server_config, 
     await writer.wait_closed()
 
 
+async def test_writelines_mixing_small_and_large_parts_keeps_their_order(serve, server_config, client_config) -> None:
+    """Small parts share a record, a large one (>= 16 KiB) is sealed on its own: the bytes arrive in order."""
+    _, port = await serve(echo, server_config)
+    reader, writer = await securechan.open_connection("127.0.0.1", port, config=client_config)
+    big, bigger = os.urandom(20_000), os.urandom(300_000)  # the second spans several records
+    parts = [b"head ", big, b"mid", b"dle ", memoryview(bigger), b" tail"]
+    writer.writelines(parts)
+    writer.write_eof()
+    assert await reader.read() == b"".join(bytes(p) for p in parts)
+    writer.close()
+    await writer.wait_closed()
+
+
 async def test_a_write_after_the_connection_was_lost_is_dropped_and_drain_reports_the_cause(
     serve, server_config, client_config
 ) -> None:

@@ -55,6 +55,8 @@ OPEN, DATA, FIN, RESET, WINDOW_UPDATE, GOAWAY = 1, 2, 3, 4, 5, 6
 WINDOW = 256 * 1024
 #: The largest credit a stream may hold (a WINDOW frame beyond it breaks the protocol).
 MAX_CREDIT = 2**31 - 1
+#: A writer is paused when this many bytes wait for credit, and resumed when none do.
+_BACKLOG_HIGH = 64 * 1024
 #: Credit is returned once this many bytes have been handed on.
 _RETURN_AT = WINDOW // 4
 #: Stream identifiers stop here: a client opens a new carrier well before they could wrap.
@@ -256,7 +258,8 @@ class MuxStream(asyncio.Transport):
         backlog = self._backlog
         if backlog and self._send_credit > 0:
             take = min(len(backlog), self._send_credit)
-            session.send_data(self.stream_id, bytes(backlog[:take]))
+            with memoryview(backlog) as view:
+                session.send_data(self.stream_id, view[:take])  # one copy, made by send_data
             del backlog[:take]  # a bytearray drops its head without moving the rest
             self._send_credit -= take
         if backlog:
@@ -294,7 +297,8 @@ class MuxStream(asyncio.Transport):
         self._lose(exc)
 
     def _update_pause(self) -> None:
-        paused = bool(self._backlog) or self._session.writing_paused
+        backlog = len(self._backlog)
+        paused = backlog > _BACKLOG_HIGH or (self._app_paused and backlog > 0) or self._session.writing_paused
         if paused == self._app_paused or self._lost:
             return
         self._app_paused = paused
@@ -520,7 +524,9 @@ class MuxSession(asyncio.Protocol):
         carrier = self.carrier
         if carrier is None or carrier.is_closing() or self.closed:
             return
-        carrier.write(out[0] if len(out) == 1 else b"".join(out))
+        # One carrier write: small frames share a record, a large payload gets records of its own,
+        # so the other end passes it on without copying it out of a record.
+        carrier.writelines(out)
 
     def _refusing(self) -> bool:
         return self._refuse_after is not None and self.loop.time() >= self._refuse_after
