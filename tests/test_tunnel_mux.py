@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from tunnelkit import client_spec, echo_then_bye, free_port, plain_target, running, server_spec, until
+from tunnelkit import client_spec, echo_then_bye, free_port, pair, plain_target, running, server_spec, until
 
 import securechan
 from securechan.tunnel import Tunnel, mux, service
@@ -717,8 +717,7 @@ async def test_client_tunnel_resets_its_clients_when_the_carrier_dies_and_makes_
     pki_dir: Any, tunnel_log: pytest.LogCaptureFixture
 ) -> None:
     async with plain_target(echo_then_bye) as port, \
-            running(server_spec(pki_dir, f"127.0.0.1:{port}")) as (srv,), \
-            running(client_spec(pki_dir, f"127.0.0.1:{srv.port}", mux=True)) as (cli,):
+            pair(pki_dir, f"127.0.0.1:{port}", client={"mux": True}) as (srv, cli):
         reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
         writer.write(b"one")
         assert await reader.readexactly(3) == b"one"
@@ -739,8 +738,7 @@ async def test_client_tunnel_closes_an_idle_carrier(
 ) -> None:
     monkeypatch.setattr(service, "MUX_CLIENT_IDLE", 0.5)
     async with plain_target(echo_then_bye) as port, \
-            running(server_spec(pki_dir, f"127.0.0.1:{port}")) as (srv,), \
-            running(client_spec(pki_dir, f"127.0.0.1:{srv.port}", mux=True)) as (cli,):
+            pair(pki_dir, f"127.0.0.1:{port}", client={"mux": True}) as (srv, cli):
         assert await plain_echo(cli.port, b"one") == b"oneBYE"
         await until(lambda: not srv.carriers and not cli.carriers)
         assert srv.active == 0 and srv.accepted == 2  # the carrier and its one stream
@@ -751,8 +749,7 @@ async def test_client_tunnel_closes_an_idle_carrier(
 
 async def test_client_tunnel_moves_to_a_new_carrier_after_goaway(pki_dir: Any) -> None:
     async with plain_target(echo_then_bye) as port, \
-            running(server_spec(pki_dir, f"127.0.0.1:{port}")) as (srv,), \
-            running(client_spec(pki_dir, f"127.0.0.1:{srv.port}", mux=True)) as (cli,):
+            pair(pki_dir, f"127.0.0.1:{port}", client={"mux": True}) as (srv, cli):
         reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
         writer.write(b"old")
         assert await reader.readexactly(3) == b"old"
@@ -807,8 +804,7 @@ async def test_client_tunnel_aborts_a_carrier_the_server_breaks(
 async def test_client_tunnel_carries_concurrent_connections_on_one_carrier(pki_dir: Any) -> None:
     count = 8
     async with plain_target(echo_then_bye) as port, \
-            running(server_spec(pki_dir, f"127.0.0.1:{port}")) as (srv,), \
-            running(client_spec(pki_dir, f"127.0.0.1:{srv.port}", mux=True)) as (cli,):
+            pair(pki_dir, f"127.0.0.1:{port}", client={"mux": True}) as (srv, cli):
         replies = await asyncio.gather(*(plain_echo(cli.port, f"c{n}".encode()) for n in range(count)))
         assert replies == [f"c{n}BYE".encode() for n in range(count)]
         assert len(srv.carriers) == 1 and len(cli.carriers) == 1
