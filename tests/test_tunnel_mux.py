@@ -810,3 +810,17 @@ async def test_client_tunnel_carries_concurrent_connections_on_one_carrier(pki_d
         assert len(srv.carriers) == 1 and len(cli.carriers) == 1
         assert srv.accepted == 1 + count  # one securechan connection, then one stream per plain connection
         await until(lambda: srv.completed == count and cli.completed == count)
+
+
+@pytest.mark.parametrize(("encoded", "kind", "stream", "payload"), [
+    ("01 00000001 00000000", mux.OPEN, 1, b""),
+    ("02 00000003 00000002 6869", mux.DATA, 3, b"hi"),
+    ("05 00000003 00000004 00010000", mux.WINDOW_UPDATE, 3, (65536).to_bytes(4, "big")),
+    ("04 00000003 00000001 02", mux.RESET, 3, bytes((mux.RESET_TARGET_FAILED,))),
+    ("06 00000000 00000000", mux.GOAWAY, 0, b""),
+])
+def test_frame_encoding_matches_the_examples_of_protocol_md(encoded: str, kind: int, stream: int,
+                                                           payload: bytes) -> None:
+    """docs/PROTOCOL.md §14.1's examples, byte for byte, against the module's header and constants."""
+    assert mux.HEADER.pack(kind, stream, len(payload)) + payload == bytes.fromhex(encoded.replace(" ", ""))
+    assert frame(kind, stream, payload) == bytes.fromhex(encoded.replace(" ", ""))
