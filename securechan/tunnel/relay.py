@@ -182,7 +182,9 @@ class End(asyncio.Protocol):
     def held_bytes(self) -> int:
         transport = self.transport
         pending = 0 if transport is None or transport.is_closing() else transport.get_write_buffer_size()
-        return pending + sum(map(len, self._early))
+        # A multiplexed stream also holds what arrived while it was paused.
+        inbound = getattr(transport, "get_read_buffer_size", None)
+        return pending + (inbound() if inbound is not None else 0) + sum(map(len, self._early))
 
     def abort(self) -> None:
         """Drop the connection: an RST on TCP, no close_notify on securechan."""
