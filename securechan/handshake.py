@@ -504,7 +504,11 @@ class ServerHandshake:
         self.client_accepts_tickets = ch.accept_tickets
         self._client_auth = SUPPORTED_SCHEMES if cfg.requires_client_certificate else ()
         self._client_max_record = ch.max_record
-        self._alpn = next((p for p in cfg.alpn_protocols if p in ch.alpn), None)
+        if ch.alpn:  # the first of ours the client offered (a plain loop: this runs for every hello)
+            for protocol in cfg.alpn_protocols:
+                if protocol in ch.alpn:
+                    self._alpn = protocol
+                    break
         self._x25519 = _ephemeral_key(self._entropy)
         self._dhe = _dh(self._x25519, ch.x25519)
         ticket_status = TicketStatus.ACCEPTED

@@ -482,9 +482,8 @@ class Tunnel:
         assert secure is not None
         peer_addr = secure.get_extra_info("peername")
         peer = _peer_text(peer_addr)
-        stream_id = secure.get_extra_info("mux_stream")
-        if stream_id is not None:
-            peer += f" stream {stream_id}"
+        if isinstance(secure, mux.MuxStream):
+            peer += f" stream {secure.stream_id}"
         session = secure.get_extra_info("securechan")
         cert = secure.get_extra_info("peercert")
         identity = _identity(cert) if cert is not None else "none"
