@@ -359,13 +359,17 @@ class SecureTransport(asyncio.Transport):
 
     def writelines(self, list_of_data: Any) -> None:
         """One TCP write for all: small buffers share a record, a large one is sealed as it is (not copied first)."""
+        items = list(list_of_data)
+        for data in items:  # checked before anything is sent, as one joined write would be
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise TypeError(f"data: expecting a bytes-like instance, got {type(data).__name__}")
         proto = self._proto
         cork = proto._cork is None  # else the handshake's last flight is held already: join it
         if cork:
             proto._cork = []
         try:
             small: list[Any] = []
-            for data in list_of_data:
+            for data in items:
                 if len(data) < _OWN_RECORD:
                     small.append(data)
                     continue

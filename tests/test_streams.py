@@ -523,6 +523,18 @@ async def test_writelines_mixing_small_and_large_parts_keeps_their_order(serve, 
     await writer.wait_closed()
 
 
+async def test_writelines_with_a_part_that_is_not_bytes_sends_nothing(serve, server_config, client_config) -> None:
+    _, port = await serve(echo, server_config)
+    reader, writer = await securechan.open_connection("127.0.0.1", port, config=client_config)
+    with pytest.raises(TypeError, match="expecting a bytes-like instance, got str"):
+        writer.writelines([os.urandom(20_000), "text"])  # type: ignore[list-item]
+    writer.write(b"only this")
+    writer.write_eof()
+    assert await reader.read() == b"only this"
+    writer.close()
+    await writer.wait_closed()
+
+
 async def test_a_write_after_the_connection_was_lost_is_dropped_and_drain_reports_the_cause(
     serve, server_config, client_config
 ) -> None:

@@ -99,9 +99,42 @@ async def test_a_peer_that_floods_refused_opens_without_reading_loses_its_carrie
         await until(lambda: not srv.carriers)
         writer.transport.abort()
     log = "\n".join(r.getMessage() for r in tunnel_log.records)
-    assert "kept sending frames that need an answer (RESET) while not reading" in log
+    assert "kept this side sending control frames (RESET, FIN) while not reading them" in log
     refusals = [r for r in tunnel_log.records if "refused stream" in r.getMessage()]
     assert srv.rejected > 1000 and len(refusals) <= 30, (srv.rejected, len(refusals))
+
+
+async def test_a_peer_whose_streams_all_fail_and_that_never_reads_loses_its_carrier(pki_dir, tunnel_log) -> None:
+    """Every OPEN is admitted and fails (nothing listens at the target): the server's RESETs (code 2) are
+    not answers to a frame but count the same, so a peer that reads none of them loses its carrier."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        target = closed.getsockname()[1]  # bound, not listening: connections are refused
+        async with running(server_spec(pki_dir, f"127.0.0.1:{target}")) as (srv,):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", srv.port))
+            sock.setblocking(False)
+            reader, writer = await securechan.open_connection(sock=sock, config=mux_config(pki_dir),
+                                                              server_name="localhost", limit=1024)
+            writer.transport.pause_reading()
+            await until(lambda: len(srv.carriers) == 1)
+            (session,) = srv.carriers
+            # As a remote peer with a full TCP window would: the server's kernel takes little more.
+            session.carrier_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            last = 0
+            while srv.carriers and last < 200_000:
+                writer.write(b"".join(frame(OPEN, i) for i in range(last + 1, last + 501)))
+                last += 500
+                try:
+                    await asyncio.wait_for(writer.drain(), 5)
+                except (ConnectionError, TimeoutError):
+                    break
+                await asyncio.sleep(0.01)  # let the target connections fail
+            await until(lambda: not srv.carriers, 30)
+            writer.transport.abort()
+    log = "\n".join(r.getMessage() for r in tunnel_log.records)
+    assert "kept this side sending control frames (RESET, FIN) while not reading them" in log
 
 
 async def _goaway_server(pki_dir: Any) -> tuple[asyncio.Server, int]:
@@ -131,7 +164,7 @@ async def test_a_carrier_going_away_as_it_is_made_fails_the_waiting_connections_
             await until(lambda: cli.active == 0 and not cli.connecting and not cli.relays)
     finally:
         server.close()
-    assert "closed as soon as it was made, twice" in "\n".join(r.getMessage() for r in tunnel_log.records)
+    assert "stopped taking streams as soon as they were made" in "\n".join(r.getMessage() for r in tunnel_log.records)
     assert not errors, errors
 
 

@@ -11,7 +11,8 @@ the wire format is docs/PROTOCOL.md §14.
 :class:`MuxSession` is the carrier's application protocol. It parses the frames out of
 the carrier's plaintext (a frame may span records; a DATA body is passed on as it arrives,
 never reassembled) and writes the frames of one event-loop iteration as one carrier write
-(one record, one system call for all the streams that had something to say).
+(small frames share a record, a large payload gets its own; one system call for all the
+streams that had something to say).
 
 :class:`MuxStream` is an ``asyncio.Transport`` for one stream, so the tunnel's
 :class:`~securechan.tunnel.relay.End` relays over a stream exactly as over a securechan
@@ -22,11 +23,12 @@ it reports the carrier's error through ``connection_lost``.
 Flow control is per stream and direction: a sender may have at most :data:`WINDOW` bytes
 of DATA unacknowledged; the receiver returns credit (WINDOW frames) as it hands the bytes
 on, and stops returning it while its reader is paused (``pause_reading``: the plain
-connection it writes to is full). A stream beyond its credit buffers in the sender's
-:class:`MuxStream` and reports ``pause_writing`` to its protocol, which stops reading the
-plain connection. So one slow reader stalls only its own stream, and the bytes a process
-holds per stream stay below the window plus one read. A peer that sends beyond the credit
-it was given breaks the protocol and loses the carrier.
+connection it writes to is full). Bytes written beyond the credit wait in the sender's
+:class:`MuxStream`; above 64 KiB of them it reports ``pause_writing`` to its protocol, which
+stops reading the plain connection. So one slow reader stalls only its own stream, and the
+bytes a process holds per stream stay below the window received plus 64 KiB and one read
+sent. A peer that sends beyond the credit it was given breaks the protocol and loses the
+carrier.
 
 Only the client opens streams, with strictly increasing identifiers. The server ends a
 carrier with GOAWAY (shutdown, reload, idle): the client opens no more streams on it and
@@ -61,8 +63,8 @@ _BACKLOG_HIGH = 64 * 1024
 _RETURN_AT = WINDOW // 4
 #: Stream identifiers stop here: a client opens a new carrier well before they could wrap.
 MAX_STREAM_ID = 2**31
-#: Bytes of RESETs a side queues, in answer to a peer's frames, for a peer that is not reading before it gives up.
-MAX_ANSWERS_UNREAD = 64 * 1024
+#: Bytes of control frames (all but WINDOW_UPDATE) a side queues for a peer that is not reading before it gives up.
+MAX_CONTROL_UNREAD = 64 * 1024
 #: Seconds an advisory GOAWAY leaves for OPENs already on the wire.
 GOAWAY_GRACE = 10.0
 
@@ -187,10 +189,10 @@ class MuxStream(asyncio.Transport):
         return len(self._inbox)
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
-        return (0, 0)
+        return (0, _BACKLOG_HIGH)
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        """Fixed: a stream pauses its writer as soon as it has no credit (the window is its buffer)."""
+        """Fixed: a stream pauses its writer above 64 KiB waiting for credit, resumes it when none waits."""
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._fin_wanted and not self._closing:
@@ -356,9 +358,10 @@ class MuxSession(asyncio.Protocol):
         self.closed = False
         self.error: Exception | None = None
         self._out: list[bytes] = []
-        #: Bytes of RESETs the other end's frames made us send (refused OPENs, DATA for closed streams)
-        #: while it was not reading: bounded, so a peer cannot make us queue answers it never takes.
-        self._answers_unread = 0
+        #: Bytes of control frames queued while the other end was not reading (RESETs for refused or
+        #: failed streams, FINs): bounded, so a peer cannot make us queue frames it never takes.
+        self._control_unread = 0
+        self._overrun = False
         self._partial = b""
         self._body_left = 0
         self._body_stream: MuxStream | None = None
@@ -390,7 +393,7 @@ class MuxSession(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        self._answers_unread = 0
+        self._control_unread = 0
         for stream in list(self.live):
             stream._update_pause()
 
@@ -491,15 +494,17 @@ class MuxSession(asyncio.Protocol):
         if not out:
             self.loop.call_soon(self._flush)
         out.append(HEADER.pack(kind, stream_id, len(payload)) + payload)
+        if self.writing_paused and kind != WINDOW_UPDATE:  # credit is bounded by the data the peer sends
+            self._control_unread += HEADER.size + len(payload)
+            if self._control_unread > MAX_CONTROL_UNREAD and not self._overrun:
+                self._overrun = True
+                self.loop.call_soon(self.fail, _overrun_error())
 
     def _answer(self, kind: int, stream_id: int, payload: bytes) -> None:
-        """A frame sent because of the other end's frames: refused if it is not reading them."""
-        if self.writing_paused:
-            self._answers_unread += HEADER.size + len(payload)
-            if self._answers_unread > MAX_ANSWERS_UNREAD:
-                raise MuxProtocolError(f"the other end kept sending frames that need an answer (RESET) while not "
-                                       f"reading the answers (over {MAX_ANSWERS_UNREAD} bytes of them)")
+        """A frame the other end's frame calls for: its input stops here once the limit is passed."""
         self.send_control(kind, stream_id, payload)
+        if self._overrun:
+            raise _overrun_error()
 
     def forget_if_done(self, stream: MuxStream) -> None:
         if stream._fin_sent and stream._fin_received and self.streams.get(stream.stream_id) is stream:
@@ -671,6 +676,11 @@ class MuxSession(asyncio.Protocol):
         protocol.connection_made(stream)
         if self.writing_paused:
             stream._update_pause()
+
+
+def _overrun_error() -> MuxProtocolError:
+    return MuxProtocolError(f"the other end kept this side sending control frames (RESET, FIN) while not reading "
+                            f"them (over {MAX_CONTROL_UNREAD} bytes queued)")
 
 
 def _peer(carrier: asyncio.BaseTransport | None) -> str:

@@ -571,8 +571,9 @@ class Tunnel:
                 if session.usable:
                     break
             else:
-                raise _CarrierFailed(f"the multiplexed connection to {self.spec.target} closed as soon as it was "
-                                     "made, twice; the server tunnel's log says why")
+                raise _CarrierFailed(f"two multiplexed connections to {self.spec.target} in a row stopped taking "
+                                     "streams as soon as they were made (closed or sent away by the server tunnel, "
+                                     "whose log says why, or replaced by a reload here)")
         except asyncio.CancelledError:
             relay.stop("cancelled")
             self._client_failed(None, relay, self._plain_peer(relay), started, relay.reason or "cancelled")
