@@ -15,6 +15,14 @@ peer, verified identity, suite, bytes each way, duration and why it closed. Conn
 that never completed a handshake or moved no bytes are logged at DEBUG under ``quiet``
 (load-balancer health checks).
 
+Multiplexing (``mux``, docs/PROTOCOL.md §14): a client tunnel with ``mux`` makes one
+securechan connection (a carrier, :mod:`securechan.tunnel.mux`) for all its connections and
+opens a stream on it per accepted socket, synchronously when the carrier exists, else after
+the one task that makes it. A server tunnel offers ``securechan-mux/1`` to every client;
+when it is chosen, the connection becomes a carrier whose streams are admitted, counted,
+connected, relayed and logged like connections (the carrier keeps its own slot). Stopping,
+reloading or an idle carrier send GOAWAY, so clients move to a new carrier.
+
 Shutdown: :meth:`Tunnel.stop_accepting` closes the listener; :meth:`Tunnel.drain` waits
 for open relays up to a deadline, then aborts the rest (RST / no close_notify, so neither
 end mistakes a cut stream for a complete one).
