@@ -76,28 +76,40 @@ async def test_a_stream_filled_with_one_byte_frames_holds_one_buffer_not_an_obje
         writer.transport.abort()
 
 
+async def _opens_from_a_peer_that_does_not_read(pki_dir: Any, srv: Any, per_write: int, limit: int,
+                                               pause: float = 0.0) -> None:
+    """OPEN after OPEN from a mux client that takes almost nothing from its socket, until the server
+    tunnel drops the carrier (or ``limit`` OPENs were sent)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the peer takes almost nothing
+    sock.connect(("127.0.0.1", srv.port))
+    sock.setblocking(False)
+    _, writer = await securechan.open_connection(sock=sock, config=mux_config(pki_dir), server_name="localhost",
+                                                 limit=1024)
+    writer.transport.pause_reading()
+    await until(lambda: len(srv.carriers) == 1)
+    (session,) = srv.carriers
+    # As a remote peer with a full TCP window would: the server's kernel takes little more.
+    session.carrier_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    last = 0
+    while srv.carriers and last < limit:
+        writer.write(b"".join(frame(OPEN, i) for i in range(last + 1, last + per_write + 1)))
+        last += per_write
+        try:
+            await asyncio.wait_for(writer.drain(), 5)
+        except (ConnectionError, TimeoutError):
+            break
+        await asyncio.sleep(pause)
+    await until(lambda: not srv.carriers, 30)
+    writer.transport.abort()
+
+
 async def test_a_peer_that_floods_refused_opens_without_reading_loses_its_carrier(pki_dir, tunnel_log) -> None:
     """Every OPEN is refused (the carrier takes the only slot); the peer never reads the RESETs.
     The server stops queueing them and aborts the carrier; refusals are logged once a second at most."""
     async with plain_target(echo_then_bye) as port, \
             running(server_spec(pki_dir, f"127.0.0.1:{port}", max_connections=1)) as (srv,):
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the peer takes almost nothing
-        sock.connect(("127.0.0.1", srv.port))
-        sock.setblocking(False)
-        reader, writer = await securechan.open_connection(sock=sock, config=mux_config(pki_dir),
-                                                          server_name="localhost", limit=1024)
-        writer.transport.pause_reading()
-        last = 0
-        while srv.carriers and last < 2_000_000:
-            writer.write(b"".join(frame(OPEN, i) for i in range(last + 1, last + 20_001)))
-            last += 20_000
-            try:
-                await asyncio.wait_for(writer.drain(), 5)
-            except (ConnectionError, TimeoutError):
-                break
-        await until(lambda: not srv.carriers)
-        writer.transport.abort()
+        await _opens_from_a_peer_that_does_not_read(pki_dir, srv, per_write=20_000, limit=2_000_000)
     log = "\n".join(r.getMessage() for r in tunnel_log.records)
     assert "kept this side sending control frames (RESET, FIN) while not reading them" in log
     refusals = [r for r in tunnel_log.records if "refused stream" in r.getMessage()]
@@ -111,28 +123,8 @@ async def test_a_peer_whose_streams_all_fail_and_that_never_reads_loses_its_carr
         closed.bind(("127.0.0.1", 0))
         target = closed.getsockname()[1]  # bound, not listening: connections are refused
         async with running(server_spec(pki_dir, f"127.0.0.1:{target}")) as (srv,):
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.connect(("127.0.0.1", srv.port))
-            sock.setblocking(False)
-            reader, writer = await securechan.open_connection(sock=sock, config=mux_config(pki_dir),
-                                                              server_name="localhost", limit=1024)
-            writer.transport.pause_reading()
-            await until(lambda: len(srv.carriers) == 1)
-            (session,) = srv.carriers
-            # As a remote peer with a full TCP window would: the server's kernel takes little more.
-            session.carrier_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            last = 0
-            while srv.carriers and last < 200_000:
-                writer.write(b"".join(frame(OPEN, i) for i in range(last + 1, last + 501)))
-                last += 500
-                try:
-                    await asyncio.wait_for(writer.drain(), 5)
-                except (ConnectionError, TimeoutError):
-                    break
-                await asyncio.sleep(0.01)  # let the target connections fail
-            await until(lambda: not srv.carriers, 30)
-            writer.transport.abort()
+            # A pause between writes lets the target connections fail.
+            await _opens_from_a_peer_that_does_not_read(pki_dir, srv, per_write=500, limit=200_000, pause=0.01)
     log = "\n".join(r.getMessage() for r in tunnel_log.records)
     assert "kept this side sending control frames (RESET, FIN) while not reading them" in log
 
