@@ -824,3 +824,20 @@ def test_frame_encoding_matches_the_examples_of_protocol_md(encoded: str, kind: 
     """docs/PROTOCOL.md §14.1's examples, byte for byte, against the module's header and constants."""
     assert mux.HEADER.pack(kind, stream, len(payload)) + payload == bytes.fromhex(encoded.replace(" ", ""))
     assert frame(kind, stream, payload) == bytes.fromhex(encoded.replace(" ", ""))
+
+
+async def test_a_stream_counts_bytes_not_items_of_a_wide_memoryview(pki_dir: Any) -> None:
+    """A memoryview of 4-byte items written to a stream: frame lengths and credit count its bytes."""
+    import array
+
+    async with plain_target(Target(read=False)) as port, server_tunnel(pki_dir, port) as (srv, peer):
+        peer.send(O1)
+        await until(lambda: len(srv.relays) == 1)
+        (session,) = srv.carriers
+        (stream,) = session.live
+        wide = array.array("I", range(100_000))  # 400,000 bytes: more than one window
+        stream.write(memoryview(wide))
+        await until(lambda: len(peer.data[1]) == WINDOW)  # all the credit, and no more
+        peer.credit(1, MAX_CREDIT - WINDOW)
+        await until(lambda: len(peer.data[1]) == len(wide) * wide.itemsize)
+        assert bytes(peer.data[1]) == wide.tobytes()

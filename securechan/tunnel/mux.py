@@ -199,6 +199,8 @@ class MuxStream(asyncio.Transport):
             raise RuntimeError("cannot write() after write_eof()")
         if self._closing or self._lost or not data:
             return
+        if type(data) is not bytes:
+            data = memoryview(data).cast("B")  # credit and frame lengths count bytes, not items
         credit = self._send_credit
         size = len(data)
         if not self._backlog and credit >= size:
@@ -486,8 +488,9 @@ class MuxSession(asyncio.Protocol):
         out = self._out
         if not out:
             self.loop.call_soon(self._flush)
-        out.append(HEADER.pack(DATA, stream_id, len(data)))
-        out.append(data if isinstance(data, bytes) else bytes(data))
+        payload = data if type(data) is bytes else bytes(data)
+        out.append(HEADER.pack(DATA, stream_id, len(payload)))
+        out.append(payload)
 
     def send_control(self, kind: int, stream_id: int, payload: bytes) -> None:
         out = self._out
