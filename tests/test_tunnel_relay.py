@@ -30,7 +30,7 @@ from tunnelkit import (
 import securechan
 from securechan import pki
 from securechan.errors import ConfigError, ListenError
-from securechan.tunnel import Relay, Tunnel
+from securechan.tunnel import Relay, Tunnel, mux
 from securechan.tunnel import relay as relay_module
 
 pytestmark = pytest.mark.timeout(60)
@@ -170,8 +170,10 @@ async def test_slow_reader_pauses_the_sender_and_memory_stays_bounded(pki_dir, v
             await asyncio.sleep(0.2)
         (s_relay,), (c_relay,) = srv.relays, cli.relays
         assert pending > total // 2, "the sender was not paused: the tunnels absorbed most of the stream"
+        # A stream's receive window may have grown while the target's socket buffer still took bytes.
+        limit = 1024 * 1024 + (mux.MAX_WINDOW - mux.WINDOW if via else 0)
         for relay in (s_relay, c_relay):
-            assert relay.held_bytes() <= 1024 * 1024, f"a tunnel holds {relay.held_bytes()} bytes for one connection"
+            assert relay.held_bytes() <= limit, f"a tunnel holds {relay.held_bytes()} bytes for one connection"
         release.set()
         writer.write_eof()
         await until(lambda: received == total, 30)

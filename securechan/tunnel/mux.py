@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -55,10 +56,18 @@ OPEN, DATA, FIN, RESET, WINDOW_UPDATE, GOAWAY = 1, 2, 3, 4, 5, 6
 
 #: Initial credit, in bytes, of each stream in each direction.
 WINDOW = 256 * 1024
+#: A stream's receive window doubles, up to this, each time a whole window is passed on within GROW_WITHIN
+#: seconds: a fixed window per round trip would cap a fast stream far below the carrier's rate.
+MAX_WINDOW = 2 * 1024 * 1024
+GROW_WITHIN = 0.02
+#: What the streams of one tunnel (all its carriers) may hold beyond their initial windows, all together.
+MAX_GROWTH = 32 * 1024 * 1024
 #: The largest credit a stream may hold (a WINDOW frame beyond it breaks the protocol).
 MAX_CREDIT = 2**31 - 1
 #: A writer is paused when this many bytes wait for credit, and resumed when none do.
 _BACKLOG_HIGH = 64 * 1024
+#: Writes smaller than this that wait for credit share a buffer (one object per few writes, not per write).
+_COALESCE = 16 * 1024
 #: Credit is returned once this many bytes have been handed on.
 _RETURN_AT = WINDOW // 4
 #: Stream identifiers stop here: a client opens a new carrier well before they could wrap.
@@ -94,6 +103,24 @@ def reset_text(code: int) -> str:
     return _RESET_TEXT.get(code, f"stream reset by the other tunnel end (code {code})")
 
 
+class WindowBudget:
+    """Receive window that streams may hold beyond their initial ones: one budget for all carriers of a tunnel."""
+
+    __slots__ = ("available",)
+
+    def __init__(self, size: int = MAX_GROWTH) -> None:
+        self.available = size
+
+    def lend(self, wanted: int) -> int:
+        """Up to ``wanted`` bytes of growth, as far as the budget allows."""
+        granted = min(wanted, self.available)
+        self.available -= granted
+        return granted
+
+    def repay(self, size: int) -> None:
+        self.available += size
+
+
 class MuxStream(asyncio.Transport):
     """One stream of a :class:`MuxSession`, as an ``asyncio.Transport`` for its protocol."""
 
@@ -105,9 +132,16 @@ class MuxStream(asyncio.Transport):
         self._send_credit = WINDOW
         self._recv_credit = WINDOW
         self._consumed = 0
-        #: Bytes written beyond the credit, and bytes received while reading is paused: one buffer
-        #: each (never one object per frame), both bounded by the window.
-        self._backlog = bytearray()
+        #: Credit granted to the peer in all (outstanding + passed on but not yet returned + held): the
+        #: most this side can be made to hold. It only grows, for a stream that moves it fast.
+        self._window = WINDOW
+        self._passed_on = 0  # bytes of the current window passed on, since _window_began
+        self._window_began = session.loop.time()
+        #: Bytes written beyond the credit, in the order written: ``bytes`` as given (never copied
+        #: again) and small writes gathered in bytearrays, so never one object per small write.
+        self._backlog: deque[bytes | bytearray | memoryview] = deque()
+        self._backlog_size = 0
+        #: Bytes received while reading is paused: one buffer (never one object per frame), at most the window.
         self._inbox = bytearray()
         self._reading = True
         self._app_paused = False
@@ -146,8 +180,7 @@ class MuxStream(asyncio.Transport):
         if self._lost:
             return
         self._closing = True
-        self._backlog.clear()
-        self._inbox.clear()
+        self._drop_buffers()
         session = self._session
         if session.streams.get(self.stream_id) is self:
             del session.streams[self.stream_id]
@@ -182,7 +215,7 @@ class MuxStream(asyncio.Transport):
         self._flush_backlog()
 
     def get_write_buffer_size(self) -> int:
-        return len(self._backlog)
+        return self._backlog_size
 
     def get_read_buffer_size(self) -> int:
         """Bytes received and held while reading is paused (at most the window)."""
@@ -200,23 +233,46 @@ class MuxStream(asyncio.Transport):
         if self._closing or self._lost or not data:
             return
         if type(data) is not bytes:
-            data = memoryview(data).cast("B")  # credit and frame lengths count bytes, not items
+            # The caller may reuse a mutable buffer once write() returns (and a memoryview's items may be
+            # wider than a byte: credit and frame lengths count bytes).
+            data = memoryview(data).cast("B").tobytes()
         credit = self._send_credit
-        size = len(data)
-        if not self._backlog and credit >= size:
-            self._send_credit = credit - size
-            self._session.send_data(self.stream_id, data)
-            return
-        if not self._backlog and credit > 0:
-            self._send_credit = 0
-            self._session.send_data(self.stream_id, data[:credit])
-            data = data[credit:]
-        self._backlog += data
+        if not self._backlog_size:
+            size = len(data)
+            if credit >= size:
+                self._send_credit = credit - size
+                self._session.send_data(self.stream_id, data)
+                return
+            if credit > 0:
+                self._send_credit = 0
+                view = memoryview(data)
+                self._session.send_data(self.stream_id, view[:credit])
+                self._queue(view[credit:])
+                self._update_pause()
+                return
+        self._queue(data)
         self._update_pause()
 
     def writelines(self, list_of_data: Any) -> None:
         for data in list_of_data:
             self.write(data)
+
+    def _queue(self, data: bytes | memoryview) -> None:
+        """Keep ``data`` (immutable: its views are sent as they are) until there is credit for it."""
+        backlog = self._backlog
+        size = len(data)
+        self._backlog_size += size
+        if size >= _COALESCE:
+            backlog.append(data)
+        elif backlog and type(last := backlog[-1]) is bytearray and len(last) < _COALESCE:
+            last += data
+        else:
+            backlog.append(bytearray(data))
+
+    def _drop_buffers(self) -> None:
+        self._backlog.clear()
+        self._backlog_size = 0
+        self._inbox.clear()
 
     # -- from the session ------------------------------------------------------------------
 
@@ -232,10 +288,20 @@ class MuxStream(asyncio.Transport):
             self._return_credit()
 
     def _return_credit(self) -> None:
-        consumed, self._consumed = self._consumed, 0
-        self._recv_credit += consumed
+        """Return the credit of the bytes passed on, with the window's growth if a whole window went by fast."""
+        increment, self._consumed = self._consumed, 0
+        self._passed_on += increment
+        if self._passed_on >= self._window:
+            now = self._session.loop.time()
+            if now - self._window_began < GROW_WITHIN and self._window < MAX_WINDOW and not self._lost:
+                extra = self._session.budget.lend(min(self._window, MAX_WINDOW - self._window))
+                self._window += extra
+                increment += extra
+            self._passed_on = 0
+            self._window_began = now
+        self._recv_credit += increment
         if not self._fin_received and not self._lost:
-            self._session.send_control(WINDOW_UPDATE, self.stream_id, _WINDOW_INC.pack(consumed))
+            self._session.send_control(WINDOW_UPDATE, self.stream_id, _WINDOW_INC.pack(increment))
 
     def _hand_on_inbox(self) -> None:
         if self._inbox:
@@ -260,12 +326,20 @@ class MuxStream(asyncio.Transport):
     def _flush_backlog(self) -> None:
         session = self._session
         backlog = self._backlog
-        if backlog and self._send_credit > 0:
-            take = min(len(backlog), self._send_credit)
-            with memoryview(backlog) as view:
-                session.send_data(self.stream_id, view[:take])  # one copy, made by send_data
-            del backlog[:take]  # a bytearray drops its head without moving the rest
-            self._send_credit -= take
+        credit = self._send_credit
+        while backlog and credit > 0:
+            chunk = backlog[0]
+            size = len(chunk)
+            if size <= credit:
+                backlog.popleft()  # a bytearray is not written to once it is no longer last
+            else:
+                view = memoryview(chunk)  # the rest stays a view: nothing appends to it again
+                backlog[0] = view[credit:]
+                chunk, size = view[:credit], credit
+            session.send_data(self.stream_id, chunk)
+            credit -= size
+            self._backlog_size -= size
+        self._send_credit = credit
         if backlog:
             self._update_pause()
             return
@@ -295,13 +369,12 @@ class MuxStream(asyncio.Transport):
 
     def _cut(self, exc: Exception | None) -> None:
         """Reset by the other end, or gone with the carrier: drop what is buffered, report ``exc``."""
-        self._backlog.clear()
-        self._inbox.clear()
+        self._drop_buffers()
         self._closing = True
         self._lose(exc)
 
     def _update_pause(self) -> None:
-        backlog = len(self._backlog)
+        backlog = self._backlog_size
         paused = backlog > _BACKLOG_HIGH or (self._app_paused and backlog > 0) or self._session.writing_paused
         if paused == self._app_paused or self._lost:
             return
@@ -315,6 +388,8 @@ class MuxStream(asyncio.Transport):
         if self._lost:
             return
         self._lost = True
+        self._session.budget.repay(self._window - WINDOW)  # late DATA is still checked against _recv_credit
+        self._window = WINDOW
         self._session.stream_lost(self)
         self._session.loop.call_soon(self._protocol.connection_lost, exc)
 
@@ -336,8 +411,11 @@ class MuxSession(asyncio.Protocol):
         on_lost: Callable[[MuxSession, Exception | None], None] | None = None,
         idle_timeout: float | None = None,
         label: str = "",
+        budget: WindowBudget | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        #: Where the streams' window growth comes from (shared by a tunnel's carriers).
+        self.budget = budget if budget is not None else WindowBudget()
         self.server = server
         #: How log lines name the owner (e.g. "tunnel 'redis'").
         self.label = label
@@ -359,7 +437,7 @@ class MuxSession(asyncio.Protocol):
         self._refuse_after: float | None = None
         self.closed = False
         self.error: Exception | None = None
-        self._out: list[bytes] = []
+        self._out: list[bytes | bytearray | memoryview] = []
         #: Bytes of control frames queued while the other end was not reading (RESETs for refused or
         #: failed streams, FINs): bounded, so a peer cannot make us queue frames it never takes.
         self._control_unread = 0
@@ -485,12 +563,20 @@ class MuxSession(asyncio.Protocol):
     # -- used by the streams ------------------------------------------------------------------
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
+        """Queue a DATA frame; ``data`` must not change until the next flush (a stream never changes it again)."""
         out = self._out
+        size = len(data)
+        if size >= _COALESCE:
+            # A large payload leaves now, with what is queued before it: holding it to the end of the
+            # iteration would keep every read's buffer alive until then, and gains no sharing of records.
+            out.append(HEADER.pack(DATA, stream_id, size))
+            out.append(data)
+            self._flush()
+            return
         if not out:
             self.loop.call_soon(self._flush)
-        payload = data if type(data) is bytes else bytes(data)
-        out.append(HEADER.pack(DATA, stream_id, len(payload)))
-        out.append(payload)
+        out.append(HEADER.pack(DATA, stream_id, size))
+        out.append(data)
 
     def send_control(self, kind: int, stream_id: int, payload: bytes) -> None:
         out = self._out

@@ -204,6 +204,8 @@ class Tunnel:
         #: Multiplexed connections (server: every one; client: those still in use) and, on a client
         #: tunnel, the one new streams go to and the task making the next one.
         self.carriers: set[mux.MuxSession] = set()
+        #: The streams' receive-window growth, shared by all carriers (docs/SECURITY.md: memory per tunnel).
+        self.window_budget = mux.WindowBudget()
         self._mux_current: mux.MuxSession | None = None
         self._mux_pending: asyncio.Future[mux.MuxSession] | None = None
         self._refusal_logged = -1e9
@@ -433,7 +435,8 @@ class Tunnel:
     def _accept_carrier(self, proto: SecureProtocol) -> mux.MuxSession:
         """A client tunnel with --mux: its streams are this tunnel's connections (each counted and logged)."""
         session = mux.MuxSession(server=True, on_open=self._open_stream, on_lost=self._carrier_lost,
-                                 idle_timeout=MUX_SERVER_IDLE, label=f"tunnel {self.spec.title!r}")
+                                 idle_timeout=MUX_SERVER_IDLE, label=f"tunnel {self.spec.title!r}",
+                                 budget=self.window_budget)
         self.carriers.add(session)
         log.debug("tunnel %r: %s multiplexed connection established", self.spec.title, _peer_text(proto._peer))
         if self._closing or proto._conn.config is not self._server_config:
@@ -630,7 +633,7 @@ class Tunnel:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         session = mux.MuxSession(server=False, on_lost=self._carrier_lost, idle_timeout=MUX_CLIENT_IDLE,
-                                 label=f"tunnel {spec.title!r}")
+                                 label=f"tunnel {spec.title!r}", budget=self.window_budget)
         try:
             connection = Connection(cfg, server_name=name, resume_key=(target.path or target.host, target.port, name))
         except Exception as exc:
