@@ -10,9 +10,10 @@ the wire format is docs/PROTOCOL.md §14.
 
 :class:`MuxSession` is the carrier's application protocol. It parses the frames out of
 the carrier's plaintext (a frame may span records; a DATA body is passed on as it arrives,
-never reassembled) and writes the frames of one event-loop iteration as one carrier write
-(small frames share a record, a large payload gets its own; one system call for all the
-streams that had something to say).
+never reassembled) and writes the small frames of one event-loop iteration as one carrier
+write (they share a record; one system call for all the streams that had something to say).
+A DATA payload of 16 KiB or more leaves at once, with the frames queued before it, as
+records of its own.
 
 :class:`MuxStream` is an ``asyncio.Transport`` for one stream, so the tunnel's
 :class:`~securechan.tunnel.relay.End` relays over a stream exactly as over a securechan
@@ -20,15 +21,19 @@ connection: ``write_eof()`` sends FIN (a clean end of that direction), ``abort()
 RESET (the far side resets its plain connection), and a stream the carrier took down with
 it reports the carrier's error through ``connection_lost``.
 
-Flow control is per stream and direction: a sender may have at most :data:`WINDOW` bytes
-of DATA unacknowledged; the receiver returns credit (WINDOW frames) as it hands the bytes
-on, and stops returning it while its reader is paused (``pause_reading``: the plain
-connection it writes to is full). Bytes written beyond the credit wait in the sender's
-:class:`MuxStream`; above 64 KiB of them it reports ``pause_writing`` to its protocol, which
-stops reading the plain connection. So one slow reader stalls only its own stream, and the
-bytes a process holds per stream stay below the window received plus 64 KiB and one read
-sent. A peer that sends beyond the credit it was given breaks the protocol and loses the
-carrier.
+Flow control is per stream and direction: a sender may have at most its credit of DATA
+unacknowledged (:data:`WINDOW` at first); the receiver returns credit (WINDOW_UPDATE) as it
+hands the bytes on, and stops returning it while its reader is paused (``pause_reading``:
+the plain connection it writes to is full). A stream that hands a whole window on within
+:data:`GROW_WITHIN` seconds gets twice the window (more credit than it passed on), up to
+:data:`MAX_WINDOW`, out of a :class:`WindowBudget` its tunnel's carriers share: one window
+per round trip would hold a bulk stream far below what the carrier can carry. Bytes written
+beyond the credit wait in the sender's :class:`MuxStream`, ``bytes`` as given (never copied
+again) and small writes gathered; above 64 KiB of them it reports ``pause_writing`` to its
+protocol, which stops reading the plain connection. So one slow reader stalls only its own
+stream, and the bytes a process holds per stream stay below the window it granted plus
+64 KiB and one read. A peer that sends beyond the credit it was given breaks the protocol
+and loses the carrier.
 
 Only the client opens streams, with strictly increasing identifiers. The server ends a
 carrier with GOAWAY (shutdown, reload, idle): the client opens no more streams on it and
@@ -59,6 +64,7 @@ WINDOW = 256 * 1024
 #: A stream's receive window doubles, up to this, each time a whole window is passed on within GROW_WITHIN
 #: seconds: a fixed window per round trip would cap a fast stream far below the carrier's rate.
 MAX_WINDOW = 2 * 1024 * 1024
+#: Seconds: a stream that passes on a window at least this fast (256 KiB: 13 MB/s, 1 MiB: 52 MB/s) grows it.
 GROW_WITHIN = 0.02
 #: What the streams of one tunnel (all its carriers) may hold beyond their initial windows, all together.
 MAX_GROWTH = 32 * 1024 * 1024
@@ -66,8 +72,9 @@ MAX_GROWTH = 32 * 1024 * 1024
 MAX_CREDIT = 2**31 - 1
 #: A writer is paused when this many bytes wait for credit, and resumed when none do.
 _BACKLOG_HIGH = 64 * 1024
-#: Writes smaller than this that wait for credit share a buffer (one object per few writes, not per write).
-_COALESCE = 16 * 1024
+#: A payload this large leaves at once and is sealed as records of its own (SecureTransport.writelines
+#: draws the same line), and waits for credit as it was written; smaller writes that wait share a buffer.
+_LARGE = 16 * 1024
 #: Credit is returned once this many bytes have been handed on.
 _RETURN_AT = WINDOW // 4
 #: Stream identifiers stop here: a client opens a new carrier well before they could wrap.
@@ -262,9 +269,9 @@ class MuxStream(asyncio.Transport):
         backlog = self._backlog
         size = len(data)
         self._backlog_size += size
-        if size >= _COALESCE:
+        if size >= _LARGE:
             backlog.append(data)
-        elif backlog and type(last := backlog[-1]) is bytearray and len(last) < _COALESCE:
+        elif backlog and type(last := backlog[-1]) is bytearray and len(last) < _LARGE:
             last += data
         else:
             backlog.append(bytearray(data))
@@ -566,7 +573,7 @@ class MuxSession(asyncio.Protocol):
         """Queue a DATA frame; ``data`` must not change until the next flush (a stream never changes it again)."""
         out = self._out
         size = len(data)
-        if size >= _COALESCE:
+        if size >= _LARGE:
             # A large payload leaves now, with what is queued before it: holding it to the end of the
             # iteration would keep every read's buffer alive until then, and gains no sharing of records.
             out.append(HEADER.pack(DATA, stream_id, size))
