@@ -518,3 +518,24 @@ async def test_mux_client_program_carries_connections_and_moves_to_new_certifica
         finally:
             await client.stop()
             await server.stop()
+
+
+async def test_server_program_with_no_mux_turns_a_mux_client_away_with_a_clear_line(pki_dir) -> None:
+    mid, front = free_port(), free_port()
+    async with plain_target(lambda r, w: w.close()) as target:
+        server = await Cli.start("server", "--listen", f"127.0.0.1:{mid}", "--target", f"127.0.0.1:{target}",
+                                 "--cert", str(pki_dir.server_cert), "--key", str(pki_dir.server_key), "--no-mux")
+        client = await Cli.start("client", "--listen", f"127.0.0.1:{front}", "--target", f"127.0.0.1:{mid}",
+                                 "--cafile", str(pki_dir.ca_file), "--server-name", "localhost", "--mux")
+        try:
+            await server.wait_for("ready: 1 tunnel")
+            await client.wait_for("ready: 1 tunnel")
+            reader, writer = await asyncio.open_connection("127.0.0.1", front)
+            with pytest.raises(ConnectionResetError):
+                await reader.read()
+            writer.close()
+            line = await client.wait_for("does not accept multiplexed connections")
+            assert "it runs with --no-mux" in line and "run this client tunnel without --mux" in line
+        finally:
+            await client.stop()
+            await server.stop()

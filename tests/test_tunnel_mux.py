@@ -40,6 +40,7 @@ from muxkit import (
 )
 from tunnelkit import client_spec, echo_then_bye, free_port, pair, plain_target, running, server_spec, until
 
+import securechan
 from securechan.tunnel import mux, service
 
 pytestmark = pytest.mark.timeout(60)
@@ -577,6 +578,29 @@ async def test_client_tunnel_against_a_server_without_mux_fails_each_connection(
                 if "does not accept multiplexed connections" in line]
     assert len(failures) == 2
     assert f"the server tunnel at 127.0.0.1:{port} does not accept multiplexed connections (--mux)" in failures[0]
+
+
+async def test_server_tunnel_with_no_mux_refuses_multiplexing_and_serves_the_default_mode(
+    pki_dir: Any, tunnel_log: pytest.LogCaptureFixture
+) -> None:
+    """--no-mux: the handshake agrees on no application protocol, so a --mux client tunnel fails each
+    connection with a line naming the option; a client tunnel in the default mode is served as before."""
+    async with plain_target(echo_then_bye) as target, \
+            running(server_spec(pki_dir, f"127.0.0.1:{target}", no_mux=True)) as (srv,), \
+            running(client_spec(pki_dir, f"127.0.0.1:{srv.port}", mux=True, name="muxed"),
+                    client_spec(pki_dir, f"127.0.0.1:{srv.port}", name="plain")) as (muxed, plain):
+        reader, writer = await securechan.open_connection(
+            "127.0.0.1", srv.port, config=pki_dir.client_config(alpn_protocols=[PROTOCOL]), server_name="localhost")
+        assert writer.get_extra_info("alpn_protocol") is None
+        writer.close()
+        with pytest.raises(ConnectionResetError):
+            await plain_echo(muxed.port, b"hello")
+        assert await plain_echo(plain.port, b"hello") == b"helloBYE"
+        await until(lambda: muxed.active == 0 and not muxed.connecting)
+        assert not srv.carriers and not muxed.carriers
+    (failure,) = [line for line in tunnel_lines(tunnel_log, logging.WARNING).splitlines()
+                  if "does not accept multiplexed connections" in line]
+    assert "it runs with --no-mux" in failure and "run this client tunnel without --mux" in failure
 
 
 async def test_client_tunnel_resets_its_clients_when_the_carrier_dies_and_makes_a_new_one(

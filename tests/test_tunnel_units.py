@@ -106,6 +106,7 @@ key = "/etc/keys/server.key"
 client_ca = "clients.crt"
 allow_cn = ["app1", "app2"]
 proxy_protocol = true
+no_mux = true
 
 [[tunnel]]
 mode = "client"
@@ -127,7 +128,7 @@ def test_config_parses_two_tunnels_with_defaults_and_relative_paths() -> None:
     assert redis.listen.host is None and redis.listen.port == 6380 and redis.target.path == "/run/redis.sock"
     assert redis.idle_timeout == 300 and redis.quiet
     assert db.name == "tunnel2" and db.pin == ("sha256:" + "ab" * 32,) and db.idle_timeout == 60
-    assert db.mux and not redis.mux
+    assert db.mux and not redis.mux and redis.no_mux and not db.no_mux
     assert db.client_config().alpn_protocols == ("securechan-mux/1",)
     assert db.effective_server_name == "db.internal"
 
@@ -215,6 +216,7 @@ def test_config_toml_syntax_error_names_the_line(tmp_path) -> None:
     ({"mode": "server", "cert": "c", "key": "k", "cafile": "ca"}, "cafile (--cafile) is for client tunnels"),
     ({"mode": "client", "pin": ("p",), "proxy_protocol": True}, "proxy_protocol (--proxy-protocol) is for server"),
     ({"mode": "server", "cert": "c", "key": "k", "mux": True}, "mux (--mux) is for client tunnels"),
+    ({"mode": "client", "pin": ("p",), "no_mux": True}, "no_mux (--no-mux) is for server tunnels"),
     ({"mode": "client", "cafile": "ca", "target": "unix:/s"}, "is a Unix socket: give --server-name NAME"),
     ({"mode": "client", "cafile": "ca", "target": ":9000"}, "target :9000 names no host: give --server-name NAME"),
     ({"mode": "client", "cafile": "ca", "server_name": "bad name"}, "server_name 'bad name' is neither a DNS name"),

@@ -40,6 +40,9 @@ def register(sub: Any) -> None:
     auth.add_argument("--allow-pin", action="append", default=[], metavar="SHA256", help="admit this SPKI pin")
     server.add_argument("--proxy-protocol", action="store_true",
                         help="send a PROXY protocol v2 header to the target with the real client address")
+    server.add_argument("--no-mux", action="store_true",
+                        help="refuse client tunnels that run with --mux (by default they are accepted: many "
+                             "connections over one securechan connection)")
     server.set_defaults(func=_run_server)
 
     client = sub.add_parser(
@@ -120,6 +123,7 @@ def _spec(args: argparse.Namespace, mode: str) -> TunnelSpec:
         pin=() if server else tuple(args.pin),
         server_name=None if server else args.server_name,
         mux=False if server else args.mux,
+        no_mux=args.no_mux if server else False,
         max_connections=args.max_connections, handshake_timeout=args.handshake_timeout,
         connect_timeout=args.connect_timeout, connect_retries=args.connect_retries, retry_delay=args.retry_delay,
         idle_timeout=args.idle_timeout, max_lifetime=args.max_lifetime, quiet=args.quiet,

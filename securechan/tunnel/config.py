@@ -36,7 +36,7 @@ from .spec import TunnelSpec, resolve
 _STR = ("name", "cert", "key", "key_pass_env", "key_pass_file", "client_ca", "cafile", "server_name")
 _PATHS = ("cert", "key", "key_pass_file", "client_ca", "cafile")
 _LIST = ("allow_cn", "allow_dns", "allow_uri", "allow_pin", "pin")
-_BOOL = ("proxy_protocol", "quiet", "mux")
+_BOOL = ("proxy_protocol", "quiet", "mux", "no_mux")
 _INT = ("max_connections", "connect_retries")
 _SECONDS = ("handshake_timeout", "connect_timeout", "retry_delay", "idle_timeout", "max_lifetime")
 TUNNEL_KEYS = ("mode", "listen", "target", *_STR, *_LIST, *_BOOL, *_INT, *_SECONDS)

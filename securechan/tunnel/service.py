@@ -18,8 +18,8 @@ that never completed a handshake or moved no bytes are logged at DEBUG under ``q
 Multiplexing (``mux``, docs/PROTOCOL.md §14): a client tunnel with ``mux`` makes one
 securechan connection (a carrier, :mod:`securechan.tunnel.mux`) for all its connections and
 opens a stream on it per accepted socket, synchronously when the carrier exists, else after
-the one task that makes it. A server tunnel offers ``securechan-mux/1`` to every client;
-when it is chosen, the connection becomes a carrier whose streams are admitted, counted,
+the one task that makes it. A server tunnel offers ``securechan-mux/1`` to every client
+(unless ``no_mux``); when it is chosen, the connection becomes a carrier whose streams are admitted, counted,
 connected, relayed and logged like connections (the carrier keeps its own slot). Stopping,
 reloading or an idle carrier send GOAWAY, so clients move to a new carrier.
 
@@ -658,7 +658,8 @@ class Tunnel:
         if session.carrier is None or session.carrier.get_extra_info("alpn_protocol") != mux.PROTOCOL:
             proto.abort()
             raise _CarrierFailed(f"the server tunnel at {target} does not accept multiplexed connections (--mux): "
-                                 "upgrade it, or run this client tunnel without --mux")
+                                 "it runs with --no-mux, or is not a securechan server tunnel of this version; "
+                                 "run this client tunnel without --mux, or the server tunnel without --no-mux")
         if self._closing:
             session.close()
             raise _CarrierFailed("the tunnel is shutting down")

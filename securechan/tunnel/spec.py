@@ -47,6 +47,8 @@ class TunnelSpec:
     server_name: str | None = None
     #: client side: carry every connection over one multiplexed securechan connection (server tunnels accept both)
     mux: bool = False
+    #: server side: refuse multiplexed clients (each of their connections then fails, naming this option)
+    no_mux: bool = False
     # limits
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
@@ -92,7 +94,7 @@ class TunnelSpec:
                                       "a server tunnel proves itself with --cert/--key")
             if self.mux:
                 raise ConfigError("mux (--mux) is for client tunnels; a server tunnel accepts multiplexed and "
-                                  "one-per-connection clients alike")
+                                  "one-per-connection clients alike (no_mux, --no-mux, refuses multiplexed ones)")
         else:
             if self.cafile is None and not self.pin:
                 raise ConfigError("a client tunnel must verify the server: give --cafile FILE (the CA that "
@@ -106,7 +108,7 @@ class TunnelSpec:
             except ConfigError as exc:
                 raise ConfigError(f"{exc} (--server-name, or the target's host)") from None
             server_only: tuple[tuple[str, object], ...] = (
-                ("client_ca", self.client_ca), ("proxy_protocol", self.proxy_protocol))
+                ("client_ca", self.client_ca), ("proxy_protocol", self.proxy_protocol), ("no_mux", self.no_mux))
             for opt, other in server_only:
                 if other:
                     raise ConfigError(f"{opt} (--{opt.replace('_', '-')}) is for server tunnels")
@@ -124,7 +126,7 @@ class TunnelSpec:
         return ServerConfig(
             certfile=self.cert, keyfile=self.key, password=read_passphrase(self.key_pass_env, self.key_pass_file),
             handshake_timeout=self.handshake_timeout, client_cafile=self.client_ca, allow=allow,
-            alpn_protocols=(MUX_PROTOCOL,),
+            alpn_protocols=() if self.no_mux else (MUX_PROTOCOL,),
         )
 
     def client_config(self) -> ClientConfig:
