@@ -182,6 +182,24 @@ async def test_open_over_the_connection_limit_is_reset_with_code_1(
     assert "connection limit (2) reached; refused stream 2 from 127.0.0.1:" in tunnel_lines(tunnel_log, logging.WARNING)
 
 
+async def test_refusals_are_logged_once_a_second_and_a_burst_is_counted_at_its_end(
+    pki_dir: Any, tunnel_log: pytest.LogCaptureFixture
+) -> None:
+    """The first refusal has its line; the rest of that second are counted in one line once it is over,
+    also when the burst has ended by then (nothing else would ever report them): a line a second at most."""
+    async with plain_target(Target()) as port, server_tunnel(pki_dir, port, max_connections=1) as (srv, peer):
+        peer.send(*(frame(OPEN, stream) for stream in range(1, 51)))
+        await until(lambda: len(peer.of(50, RESET)) == 1)
+        lines = tunnel_lines(tunnel_log, logging.WARNING).splitlines()
+        assert [line for line in lines if "refused" in line] == [
+            line for line in lines if "connection limit (1) reached; refused stream 1 from 127.0.0.1:" in line]
+        await until(lambda: "49 more streams refused since the last line" in tunnel_lines(tunnel_log), 3)
+        peer.send(frame(OPEN, 51))  # within a second of that line: counted in the next one
+        await until(lambda: "; 1 more stream refused since the last line" in tunnel_lines(tunnel_log), 3)
+        assert srv.rejected == 51
+    assert sum("refused" in line for line in tunnel_lines(tunnel_log, logging.WARNING).splitlines()) == 3
+
+
 async def test_the_carrier_itself_counts_towards_the_connection_limit(
     pki_dir: Any, tunnel_log: pytest.LogCaptureFixture
 ) -> None:

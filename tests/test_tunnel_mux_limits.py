@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 import socket
 import struct
 import tracemalloc
@@ -112,8 +113,11 @@ async def test_a_peer_that_floods_refused_opens_without_reading_loses_its_carrie
         await _opens_from_a_peer_that_does_not_read(pki_dir, srv, per_write=20_000, limit=2_000_000)
     log = "\n".join(r.getMessage() for r in tunnel_log.records)
     assert "kept this side sending control frames (RESET, FIN) while not reading them" in log
-    refusals = [r for r in tunnel_log.records if "refused stream" in r.getMessage()]
+    refusals = [r.getMessage() for r in tunnel_log.records if "refused" in r.getMessage()]
     assert srv.rejected > 1000 and len(refusals) <= 30, (srv.rejected, len(refusals))
+    counted = sum(int(m.group(1)) if (m := re.search(r"; (\d+) more streams? refused", line)) else 1
+                  for line in refusals)
+    assert counted == srv.rejected, "a refusal went neither into a line nor into a count"
 
 
 async def test_a_peer_whose_streams_all_fail_and_that_never_reads_loses_its_carrier(pki_dir, tunnel_log) -> None:

@@ -210,6 +210,7 @@ class Tunnel:
         self._mux_pending: asyncio.Future[mux.MuxSession] | None = None
         self._refusal_logged = -1e9
         self._refusals_unlogged = 0
+        self._refusal_tail: asyncio.TimerHandle | None = None
         #: Totals since start, for the shutdown line and for tests.
         self.accepted = 0
         self.rejected = 0
@@ -270,6 +271,7 @@ class Tunnel:
 
     def stop_accepting(self) -> None:
         self._closing = True
+        self._log_refusal_tail()
         if self.server is not None:
             self.server.close()
         self._retire_carriers(refuse_now=True)
@@ -460,16 +462,31 @@ class Tunnel:
         return relay.client
 
     def _log_refused_stream(self, session: mux.MuxSession, stream_id: int) -> None:
-        """One line per second at most: a client may open streams far faster than lines are worth writing."""
-        now = asyncio.get_running_loop().time()
+        """One line per second at most: a client may open streams far faster than lines are worth writing.
+        The first refusal is logged at once; those of the rest of that second are counted in one line at its end."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         if now - self._refusal_logged < 1.0:
             self._refusals_unlogged += 1
+            if self._refusal_tail is None:
+                self._refusal_tail = loop.call_at(self._refusal_logged + 1.0, self._log_refusal_tail)
             return
-        more = f"; {self._refusals_unlogged} more refused since the last line" if self._refusals_unlogged else ""
-        self._refusal_logged, self._refusals_unlogged = now, 0
-        log.warning("tunnel %r: connection limit (%d) reached; refused stream %d from %s%s "
+        self._refusal_logged = now
+        log.warning("tunnel %r: connection limit (%d) reached; refused stream %d from %s "
                     "(raise --max-connections if this load is expected)", self.spec.title,
-                    self.spec.max_connections, stream_id, _peer_text(session.carrier_info("peername")), more)
+                    self.spec.max_connections, stream_id, _peer_text(session.carrier_info("peername")))
+
+    def _log_refusal_tail(self) -> None:
+        if self._refusal_tail is not None:
+            self._refusal_tail.cancel()
+            self._refusal_tail = None
+        count, self._refusals_unlogged = self._refusals_unlogged, 0
+        if not count:
+            return
+        self._refusal_logged = asyncio.get_running_loop().time()
+        log.warning("tunnel %r: connection limit (%d) reached; %d more stream%s refused since the last line "
+                    "(raise --max-connections if this load is expected)", self.spec.title,
+                    self.spec.max_connections, count, "" if count == 1 else "s")
 
     def _carrier_lost(self, session: mux.MuxSession, exc: Exception | None) -> None:
         self.carriers.discard(session)
