@@ -313,10 +313,12 @@ async def test_many_frames_in_one_write(pki_dir: Any) -> None:
 
 async def test_stream_identifiers_may_skip(pki_dir: Any) -> None:
     async with plain_target(echo_then_bye) as port, server_tunnel(pki_dir, port) as (_, peer):
-        peer.send(frame(OPEN, 7), frame(FIN, 7), frame(OPEN, 1000), frame(FIN, 1000))
+        top = 2**32 - 1  # the largest identifier the header can carry
+        peer.send(frame(OPEN, 7), frame(FIN, 7), frame(OPEN, 1000), frame(FIN, 1000), frame(OPEN, top), frame(FIN, top))
         assert await peer.ending(7) == (FIN, b"")
         assert await peer.ending(1000) == (FIN, b"")
-        assert peer.data[7] == peer.data[1000] == b"BYE"
+        assert await peer.ending(top) == (FIN, b"")
+        assert peer.data[7] == peer.data[1000] == peer.data[top] == b"BYE"
 
 
 async def test_frames_for_a_stream_the_server_ended_are_ignored(
@@ -670,6 +672,31 @@ async def test_client_tunnel_moves_to_a_new_carrier_after_goaway(pki_dir: Any) -
         assert await reader.read() == b"BYE"
         writer.close()
         await until(lambda: first.closed)  # ... and the client closes that carrier
+        assert first.error is None
+        await until(lambda: len(srv.carriers) == 1)
+
+
+async def test_client_tunnel_opens_a_new_carrier_before_identifiers_run_out(
+        pki_dir: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Identifiers only increase: at MAX_STREAM_ID a carrier takes no new stream, and the client moves
+    to a new one, closing the old one once its last stream has ended."""
+    monkeypatch.setattr(mux, "MAX_STREAM_ID", 3)
+    async with plain_target(echo_then_bye) as port, \
+            pair(pki_dir, f"127.0.0.1:{port}", client={"mux": True}) as (srv, cli):
+        reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+        writer.write(b"long")
+        assert await reader.readexactly(4) == b"long"  # stream 1, open throughout
+        (first,) = cli.carriers
+        for i in range(2, 6):  # streams 2 and 3 on the first carrier; then a new one
+            assert await plain_echo(cli.port, b"%d" % i) == b"%dBYE" % i
+        assert first.last_id == 3 and not first.usable and not first.closed
+        assert len(cli.carriers) == 2
+        (second,) = cli.carriers - {first}
+        assert second.last_id == 2
+        writer.write_eof()
+        assert await reader.read() == b"BYE"
+        writer.close()
+        await until(lambda: first.closed)
         assert first.error is None
         await until(lambda: len(srv.carriers) == 1)
 

@@ -500,14 +500,15 @@ class MuxSession(asyncio.Protocol):
     @property
     def usable(self) -> bool:
         """A client may open a stream on this carrier."""
-        return not (self.closed or self.going_away or self.last_id >= MAX_STREAM_ID or self.carrier is None
-                    or self.carrier.is_closing())
+        return not (self.closed or self.going_away or self.carrier is None or self.carrier.is_closing())
 
     def open_stream(self, protocol: asyncio.Protocol) -> MuxStream:
         """Client: a new stream to the server tunnel's target; ``protocol.connection_made`` runs at once."""
         if self.server or not self.usable:
             raise ConnectionError("this multiplexed connection takes no new streams (closed, or going away)")
         self.last_id += 1
+        if self.last_id >= MAX_STREAM_ID:
+            self.going_away = True  # its last identifier: it closes once its streams have ended (retire)
         stream = MuxStream(self, self.last_id, protocol)
         self.streams[stream.stream_id] = stream
         self.live.add(stream)
