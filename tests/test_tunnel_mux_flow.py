@@ -2,8 +2,9 @@
 
 The receive side: a stream that passes a whole window on within ``mux.GROW_WITHIN`` seconds
 gets a larger one, doubling up to ``mux.MAX_WINDOW``, out of one budget per tunnel that is
-paid back when the stream ends. The tests set ``GROW_WITHIN`` so that growth is certain, or
-impossible: the rule compares loop times, and a loaded machine must not decide the outcome.
+paid back when the stream ends or its reader falls behind; credit is only for bytes the
+reader took. The tests set ``GROW_WITHIN`` so that growth is certain, or impossible: the rule
+compares loop times, and a loaded machine must not decide the outcome.
 
 The send side: bytes written to a stream beyond its credit wait in order, small writes share
 buffers, and a caller's mutable buffer is copied when written (as asyncio transports do).
@@ -12,13 +13,14 @@ buffers, and a caller's mutable buffer is copied when written (as asyncio transp
 from __future__ import annotations
 
 import array
+import asyncio
 import hashlib
 import os
 from typing import Any
 
 import pytest
 from muxkit import DATA, FIN, OPEN, WINDOW, MuxPeer, Target, credit_reaches, frame, server_tunnel, the_carrier
-from tunnelkit import plain_target, until
+from tunnelkit import echo_then_bye, plain_target, until
 
 from securechan.tunnel import Tunnel, mux
 
@@ -104,6 +106,90 @@ async def test_window_growth_of_all_streams_stays_within_the_tunnel_budget(
         assert budget.available == limit
     for stream, payload in payloads.items():
         assert peer.data[stream] == hashlib.sha256(payload).digest()
+
+
+async def test_a_grown_window_whose_target_stalls_holds_its_window_and_shrinks_once_it_reads_again(
+        pki_dir: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream's window grew; then its target stops reading. The server holds at most that window (and
+    its plain socket's write buffer); once the target reads again, the window goes back to 256 KiB and
+    the growth to the tunnel's budget, with the stream still open."""
+    monkeypatch.setattr(mux, "GROW_WITHIN", 3600.0)
+    reading = asyncio.Event()
+    reading.set()
+    digest, count = hashlib.sha256(), 0
+
+    async def gated(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal count
+        while True:
+            await reading.wait()
+            if not (chunk := await reader.read(65536)):
+                break
+            digest.update(chunk)
+            count += len(chunk)
+        writer.write(digest.digest())
+        writer.close()
+
+    payload = os.urandom(1 << 20)
+    async with plain_target(gated) as port, server_tunnel(pki_dir, port) as (srv, peer):
+        peer.send(frame(OPEN, 1))
+        sent, sent_digest = 0, hashlib.sha256()
+
+        async def send_while_credit(limit: int, wait: float) -> None:
+            nonlocal sent
+            while sent < limit and await credit_reaches(peer, 1, sent + CHUNK, wait):
+                offset = sent % len(payload)
+                piece = payload[offset:offset + CHUNK]
+                sent_digest.update(piece)
+                peer.send(frame(DATA, 1, piece))
+                sent += CHUNK
+                await peer.writer.drain()
+
+        await send_while_credit(4 << 20, 10)
+        await until(lambda: count == sent)
+        assert peer.server_credit(1) - sent > mux.MAX_WINDOW - CHUNK  # grown to 2 MiB
+        reading.clear()
+        await send_while_credit(64 << 20, 0.5)  # until the server stops returning credit
+        assert sent < 64 << 20, "the server kept returning credit for a target that reads nothing"
+        (relay,) = srv.relays
+        (stream,) = the_carrier(srv).live
+        assert stream.get_read_buffer_size() <= mux.MAX_WINDOW
+        assert relay.held_bytes() <= mux.MAX_WINDOW + 2 * CHUNK, relay.held_bytes()
+        monkeypatch.setattr(mux, "GROW_WITHIN", 0.0)  # no new growth: only the shrinking is seen
+        reading.set()
+        await send_while_credit(sent + (8 << 20), 10)
+        await until(lambda: count == sent)
+        await until(lambda: peer.server_credit(1) - sent <= WINDOW)
+        assert srv.window_budget.available == mux.MAX_GROWTH and stream in the_carrier(srv).live
+        peer.send(frame(FIN, 1))
+        assert await peer.ending(1) == (FIN, b"")
+    assert peer.data[1] == sent_digest.digest()
+    assert peer.violations == []
+
+
+async def test_bytes_that_pause_the_reader_get_their_credit_back_only_once_it_resumes(pki_dir: Any) -> None:
+    """Credit is for bytes the plain side took: a chunk whose hand-on paused the reader (its plain socket
+    is full) is returned when reading resumes, so the peer cannot add a window on top of it."""
+    async with plain_target(echo_then_bye) as port, server_tunnel(pki_dir, port) as (srv, peer):
+        peer.send(frame(OPEN, 1))
+        await until(lambda: len(srv.relays) == 1)
+        (stream,) = the_carrier(srv).live
+        got = bytearray()
+
+        class PausedOnceFull(asyncio.Protocol):  # as the relay pauses a stream whose plain socket is full
+            def data_received(self, data: bytes) -> None:
+                got.extend(data)
+                if len(got) >= CHUNK:  # enough for a WINDOW_UPDATE, had its reader kept up
+                    stream.pause_reading()
+
+        stream.set_protocol(PausedOnceFull())
+        peer.send(frame(DATA, 1, os.urandom(60_000)), frame(DATA, 1, os.urandom(10_000)))
+        await until(lambda: len(got) >= CHUNK)
+        peer.send(frame(OPEN, 3), frame(FIN, 3))  # a barrier: the server answered everything sent before it
+        await peer.ending(3)
+        assert peer.server_credit(1) == WINDOW
+        stream.resume_reading()
+        await until(lambda: peer.server_credit(1) == WINDOW + 70_000)
+        assert len(got) == 70_000
 
 
 # -- the send side ---------------------------------------------------------------------------------

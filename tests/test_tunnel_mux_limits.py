@@ -17,6 +17,7 @@ import tracemalloc
 from typing import Any
 
 import pytest
+from muxkit import mux_peer, the_carrier, window_update
 from tunnelkit import client_spec, echo_then_bye, plain_target, running, server_spec, until
 
 import securechan
@@ -204,3 +205,59 @@ async def test_a_carrier_whose_handshake_straddles_a_reload_is_sent_away(pki_dir
         assert plain[:9] == frame(GOAWAY, 0)
         assert all(session.going_away for session in srv.carriers)
         writer.close()
+
+
+async def _talker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A target with more to say than any credit allows: it writes until the tunnel stops taking bytes."""
+    try:
+        while True:
+            writer.write(b"z" * 65536)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
+async def test_one_byte_credits_make_one_data_frame_per_read_not_one_per_credit(pki_dir) -> None:
+    """4,096 WINDOW_UPDATEs of one byte in one write: the bytes they free leave as one DATA frame (a frame
+    per credit would be 9 bytes of header, a Python object and a record slot per byte of payload)."""
+    async with plain_target(_talker) as port, running(server_spec(pki_dir, f"127.0.0.1:{port}")) as (srv,), \
+            mux_peer(pki_dir, srv.port) as peer:
+        peer.send(frame(OPEN, 1))
+        await until(lambda: len(peer.data[1]) == mux.WINDOW)
+        (stream,) = the_carrier(srv).live
+        await until(lambda: stream.get_write_buffer_size() > 4096)
+        frames_before = len(peer.of(1, DATA))
+        peer.granted[1] += 4096
+        peer.send(window_update(1, 1) * 4096)  # 53,248 bytes: one record
+        await until(lambda: len(peer.data[1]) == mux.WINDOW + 4096)
+        assert len(peer.of(1, DATA)) - frames_before == 1
+
+
+async def test_credit_for_a_peer_that_does_not_read_leaves_the_backlog_where_it_is(pki_dir) -> None:
+    """The peer stops reading the carrier (its write buffer fills: pause_writing), then hands out credit a
+    byte at a time. The server sends no DATA into the full carrier: the bytes wait in the stream's backlog,
+    bounded, not as frames in the carrier's buffer at ten times their size. Reading again, the peer gets
+    every byte."""
+    async with plain_target(_talker) as port, running(server_spec(pki_dir, f"127.0.0.1:{port}")) as (srv,):
+        reader, writer = await securechan.open_connection("127.0.0.1", srv.port, config=mux_config(pki_dir),
+                                                          server_name="localhost")
+        writer.transport.pause_reading()  # the peer reads nothing more
+        writer.write(frame(OPEN, 1) + frame(OPEN, 3))
+        await until(lambda: len(srv.relays) == 2)
+        (session,) = srv.carriers
+        low, high = sorted(session.live, key=lambda s: s.stream_id)
+        await until(lambda: low.get_write_buffer_size() > 0)  # stream 1 used its credit
+        while not session.writing_paused:  # stream 3's credit fills the carrier
+            writer.write(window_update(3, 1 << 20))
+            await writer.drain()
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+        carrier_before, backlog_before = session.carrier.get_write_buffer_size(), low.get_write_buffer_size()
+        writer.write(window_update(1, 1) * backlog_before)
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        assert session.carrier.get_write_buffer_size() - carrier_before < 1024
+        assert low.get_write_buffer_size() == backlog_before
+        writer.transport.abort()

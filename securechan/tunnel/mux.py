@@ -27,13 +27,17 @@ hands the bytes on, and stops returning it while its reader is paused (``pause_r
 the plain connection it writes to is full). A stream that hands a whole window on within
 :data:`GROW_WITHIN` seconds gets twice the window (more credit than it passed on), up to
 :data:`MAX_WINDOW`, out of a :class:`WindowBudget` its tunnel's carriers share: one window
-per round trip would hold a bulk stream far below what the carrier can carry. Bytes written
-beyond the credit wait in the sender's :class:`MuxStream`, ``bytes`` as given (never copied
-again) and small writes gathered; above 64 KiB of them it reports ``pause_writing`` to its
-protocol, which stops reading the plain connection. So one slow reader stalls only its own
-stream, and the bytes a process holds per stream stay below the window it granted plus
-64 KiB and one read. A peer that sends beyond the credit it was given breaks the protocol
-and loses the carrier.
+per round trip would hold a bulk stream far below what the carrier can carry. Once its
+reader is paused, a grown window shrinks back (less credit than it passed on) and its
+growth goes back to the budget. Bytes written beyond the credit wait in the sender's
+:class:`MuxStream`, ``bytes`` as given (never copied again) and small writes gathered; above
+64 KiB of them it reports ``pause_writing`` to its protocol, which stops reading the plain
+connection. They leave once the carrier's input has been parsed (the credit of many
+WINDOW_UPDATEs makes one DATA frame), and not while the carrier itself is paused (its peer
+is not reading). So one slow reader stalls only its own stream, and the bytes a process
+holds per stream stay below the window it granted plus 64 KiB (its plain connection's write
+buffer), and 64 KiB plus one read on the sending side. A peer that sends beyond the credit
+it was given breaks the protocol and loses the carrier.
 
 Only the client opens streams, with strictly increasing identifiers. The server ends a
 carrier with GOAWAY (shutdown, reload, idle): the client opens no more streams on it and
@@ -66,7 +70,7 @@ WINDOW = 256 * 1024
 MAX_WINDOW = 2 * 1024 * 1024
 #: Seconds: a stream that passes on a window at least this fast (256 KiB: 13 MB/s, 1 MiB: 52 MB/s) grows it.
 GROW_WITHIN = 0.02
-#: What the streams of one tunnel (all its carriers) may hold beyond their initial windows, all together.
+#: What the streams of one tunnel (all its carriers, in this process) may hold beyond their first windows.
 MAX_GROWTH = 32 * 1024 * 1024
 #: The largest credit a stream may hold (a WINDOW frame beyond it breaks the protocol).
 MAX_CREDIT = 2**31 - 1
@@ -144,6 +148,10 @@ class MuxStream(asyncio.Transport):
         self._window = WINDOW
         self._passed_on = 0  # bytes of the current window passed on, since _window_began
         self._window_began = session.loop.time()
+        #: Its reader was paused with a grown window: the growth is given back as the bytes are passed on.
+        self._shrinking = False
+        #: Credit arrived (WINDOW_UPDATE) for bytes in the backlog: sent once the carrier's input is parsed.
+        self._credited = False
         #: Bytes written beyond the credit, in the order written: ``bytes`` as given (never copied
         #: again) and small writes gathered in bytearrays, so never one object per small write.
         self._backlog: deque[bytes | bytearray | memoryview] = deque()
@@ -205,6 +213,8 @@ class MuxStream(asyncio.Transport):
 
     def pause_reading(self) -> None:
         self._reading = False
+        if self._window > WINDOW:
+            self._shrinking = True  # its reader is the bottleneck: a large window would only be held here
 
     def resume_reading(self) -> None:
         if self._reading or self._lost:
@@ -291,23 +301,34 @@ class MuxStream(asyncio.Transport):
             return
         self._protocol.data_received(chunk)
         self._consumed += len(chunk)
-        if self._consumed >= _RETURN_AT:
+        if self._consumed >= _RETURN_AT and self._reading:  # paused by this chunk: returned on resuming
             self._return_credit()
 
     def _return_credit(self) -> None:
-        """Return the credit of the bytes passed on, with the window's growth if a whole window went by fast."""
+        """Return the credit of the bytes passed on: with the window's growth if a whole window went by
+        fast, or less the growth while the window shrinks back after its reader was paused."""
         increment, self._consumed = self._consumed, 0
-        self._passed_on += increment
-        if self._passed_on >= self._window:
-            now = self._session.loop.time()
-            if now - self._window_began < GROW_WITHIN and self._window < MAX_WINDOW and not self._lost:
-                extra = self._session.budget.lend(min(self._window, MAX_WINDOW - self._window))
-                self._window += extra
-                increment += extra
-            self._passed_on = 0
-            self._window_began = now
+        if self._shrinking:
+            back = min(increment, self._window - WINDOW)
+            self._session.budget.repay(back)
+            self._window -= back
+            increment -= back
+            if self._window == WINDOW:
+                self._shrinking = False
+                self._passed_on = 0
+                self._window_began = self._session.loop.time()
+        else:
+            self._passed_on += increment
+            if self._passed_on >= self._window:
+                now = self._session.loop.time()
+                if now - self._window_began < GROW_WITHIN and self._window < MAX_WINDOW and not self._lost:
+                    extra = self._session.budget.lend(min(self._window, MAX_WINDOW - self._window))
+                    self._window += extra
+                    increment += extra
+                self._passed_on = 0
+                self._window_began = now
         self._recv_credit += increment
-        if not self._fin_received and not self._lost:
+        if increment and not self._fin_received and not self._lost:
             self._session.send_control(WINDOW_UPDATE, self.stream_id, _WINDOW_INC.pack(increment))
 
     def _hand_on_inbox(self) -> None:
@@ -328,13 +349,17 @@ class MuxStream(asyncio.Transport):
         if credit > MAX_CREDIT:
             raise MuxProtocolError(f"stream {self.stream_id}: WINDOW_UPDATE beyond {MAX_CREDIT} bytes of credit")
         self._send_credit = credit
-        self._flush_backlog()
+        if self._backlog and not self._credited:
+            # Sent once the carrier's input is parsed: many small WINDOW_UPDATEs make one DATA frame.
+            self._credited = True
+            self._session.credited.append(self)
 
     def _flush_backlog(self) -> None:
+        self._credited = False
         session = self._session
         backlog = self._backlog
         credit = self._send_credit
-        while backlog and credit > 0:
+        while backlog and credit > 0 and not session.writing_paused:  # the carrier's buffer takes no more
             chunk = backlog[0]
             size = len(chunk)
             if size <= credit:
@@ -445,6 +470,8 @@ class MuxSession(asyncio.Protocol):
         self.closed = False
         self.error: Exception | None = None
         self._out: list[bytes | bytearray | memoryview] = []
+        #: Streams that got credit for their backlog while the carrier's input was parsed.
+        self.credited: list[MuxStream] = []
         #: Bytes of control frames queued while the other end was not reading (RESETs for refused or
         #: failed streams, FINs): bounded, so a peer cannot make us queue frames it never takes.
         self._control_unread = 0
@@ -466,6 +493,12 @@ class MuxSession(asyncio.Protocol):
             self._parse(data)
         except MuxProtocolError as exc:
             self.fail(exc)
+            return
+        if self.credited:
+            streams, self.credited = self.credited, []
+            for stream in streams:
+                if not stream._lost:
+                    stream._flush_backlog()
 
     def eof_received(self) -> bool:
         # The other end closed the carrier (close_notify): streams still open end with it, cut.
@@ -482,7 +515,7 @@ class MuxSession(asyncio.Protocol):
         self.writing_paused = False
         self._control_unread = 0
         for stream in list(self.live):
-            stream._update_pause()
+            stream._flush_backlog()  # what waited for the carrier (with credit) leaves now
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
