@@ -226,3 +226,19 @@ async def test_writes_beyond_the_credit_wait_in_order_and_small_ones_share_buffe
         assert peer.data[1] == expected
         assert stream.get_write_buffer_size() == 0
     assert peer.violations == []
+
+
+async def test_small_frames_of_one_iteration_leave_together_in_groups_of_four(pki_dir: Any) -> None:
+    """Ten streams write in one loop iteration: three records (4 + 4 + 2 frames), not ten and not one, so
+    the far end can start on the first group while this end still reads the rest of a burst."""
+    async with plain_target(Target(read=False)) as port, server_tunnel(pki_dir, port) as (srv, peer):
+        peer.send(*(frame(OPEN, stream) for stream in range(1, 11)))
+        await until(lambda: len(srv.relays) == 10)
+        session = the_carrier(srv)
+        streams = sorted(session.live, key=lambda s: s.stream_id)
+        sealer = session.carrier._conn._live_sealer  # type: ignore[attr-defined]
+        records = sealer.seq
+        for stream in streams:
+            stream.write(b"message %d" % stream.stream_id)
+        await until(lambda: all(peer.data[s.stream_id] == b"message %d" % s.stream_id for s in streams))
+        assert sealer.seq - records == 3

@@ -10,8 +10,9 @@ the wire format is docs/PROTOCOL.md §14.
 
 :class:`MuxSession` is the carrier's application protocol. It parses the frames out of
 the carrier's plaintext (a frame may span records; a DATA body is passed on as it arrives,
-never reassembled) and writes the small frames of one event-loop iteration as one carrier
-write (they share a record; one system call for all the streams that had something to say).
+never reassembled) and writes the small frames of one event-loop iteration together (they
+share a record and a system call), in groups of four DATA frames, so the far end can start
+on the first while this end is still reading the others.
 A DATA payload of 16 KiB or more leaves at once, with the frames queued before it, as
 records of its own.
 
@@ -79,6 +80,10 @@ _BACKLOG_HIGH = 64 * 1024
 #: A payload this large leaves at once and is sealed as records of its own (SecureTransport.writelines
 #: draws the same line), and waits for credit as it was written; smaller writes that wait share a buffer.
 _LARGE = 16 * 1024
+#: Small frames leave at the end of the loop iteration, or sooner in groups of this many output items (four
+#: DATA frames): the far end starts on a group while this end reads the rest of a burst, where one record for
+#: fifty streams' messages would make the two ends take turns (measured: PING c=50 +15-25 %, more CPU each).
+_BATCH = 8
 #: Credit is returned once this many bytes have been handed on.
 _RETURN_AT = WINDOW // 4
 #: Stream identifiers stop here: a client opens a new carrier well before they could wrap.
@@ -618,6 +623,8 @@ class MuxSession(asyncio.Protocol):
             self.loop.call_soon(self._flush)
         out.append(HEADER.pack(DATA, stream_id, size))
         out.append(data)
+        if len(out) >= _BATCH:
+            self._flush()
 
     def send_control(self, kind: int, stream_id: int, payload: bytes) -> None:
         out = self._out
