@@ -455,6 +455,14 @@ async def test_workers_stop_when_the_supervisor_is_killed(pki_dir) -> None:
     assert sum("stopped: 0 connections relayed" in line for line in cli.lines) == 2, cli.output
 
 
+async def mux_client_and_server(pki_dir, mid: int, front: int, target: int, *server_args: str) -> tuple[Cli, Cli]:
+    """``securechan server`` on ``mid`` in front of ``target``, and ``securechan client --mux`` on ``front``."""
+    server = await Cli.start("server", "--listen", f"127.0.0.1:{mid}", "--target", f"127.0.0.1:{target}", *server_args)
+    client = await Cli.start("client", "--listen", f"127.0.0.1:{front}", "--target", f"127.0.0.1:{mid}",
+                             "--cafile", str(pki_dir.ca_file), "--server-name", "localhost", "--mux")
+    return server, client
+
+
 async def test_mux_client_program_carries_connections_and_moves_to_new_certificates_on_sighup(
         pki_dir, tmp_path) -> None:
     """``securechan client --mux`` against ``securechan server``: one carrier for many connections; a SIGHUP
@@ -476,10 +484,8 @@ async def test_mux_client_program_carries_connections_and_moves_to_new_certifica
         assert await reader.readexactly(len(data)) == data
 
     async with plain_target(echo) as target:
-        server = await Cli.start("server", "--listen", f"127.0.0.1:{mid}", "--target", f"127.0.0.1:{target}",
-                                 "--cert", str(live_cert), "--key", str(live_key))
-        client = await Cli.start("client", "--listen", f"127.0.0.1:{front}", "--target", f"127.0.0.1:{mid}",
-                                 "--cafile", str(pki_dir.ca_file), "--server-name", "localhost", "--mux")
+        server, client = await mux_client_and_server(pki_dir, mid, front, target, "--cert", str(live_cert),
+                                                     "--key", str(live_key))
         try:
             await server.wait_for("ready: 1 tunnel")
             await client.wait_for("ready: 1 tunnel")
@@ -523,10 +529,8 @@ async def test_mux_client_program_carries_connections_and_moves_to_new_certifica
 async def test_server_program_with_no_mux_turns_a_mux_client_away_with_a_clear_line(pki_dir) -> None:
     mid, front = free_port(), free_port()
     async with plain_target(lambda r, w: w.close()) as target:
-        server = await Cli.start("server", "--listen", f"127.0.0.1:{mid}", "--target", f"127.0.0.1:{target}",
-                                 "--cert", str(pki_dir.server_cert), "--key", str(pki_dir.server_key), "--no-mux")
-        client = await Cli.start("client", "--listen", f"127.0.0.1:{front}", "--target", f"127.0.0.1:{mid}",
-                                 "--cafile", str(pki_dir.ca_file), "--server-name", "localhost", "--mux")
+        server, client = await mux_client_and_server(pki_dir, mid, front, target, "--cert", str(pki_dir.server_cert),
+                                                     "--key", str(pki_dir.server_key), "--no-mux")
         try:
             await server.wait_for("ready: 1 tunnel")
             await client.wait_for("ready: 1 tunnel")
