@@ -166,6 +166,34 @@ async def test_a_grown_window_whose_target_stalls_holds_its_window_and_shrinks_o
     assert peer.violations == []
 
 
+async def test_a_grown_window_that_stops_moving_fast_shrinks_back_with_its_reader_keeping_up(
+        pki_dir: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst grew the window; the stream goes on slower than a window per SHRINK_AFTER seconds (here:
+    always), its target reading all the while: the growth goes back, so a stream that once moved fast
+    does not keep the tunnel's budget."""
+    monkeypatch.setattr(mux, "GROW_WITHIN", 3600.0)
+    payload = os.urandom(12 << 20)
+    target = Target(lambda _, got: hashlib.sha256(got).digest())
+    async with plain_target(target) as port, server_tunnel(pki_dir, port) as (srv, peer):
+        peer.send(frame(OPEN, 1))
+        await push(peer, 1, payload[:4 << 20])
+        await until(lambda: peer.server_credit(1) - (4 << 20) > mux.MAX_WINDOW - CHUNK)
+        assert srv.window_budget.available < mux.MAX_GROWTH
+        monkeypatch.setattr(mux, "GROW_WITHIN", 0.0)
+        monkeypatch.setattr(mux, "SHRINK_AFTER", 0.0)
+        for sent in range(4 << 20, len(payload), CHUNK):
+            assert await credit_reaches(peer, 1, sent + CHUNK, 10), "no credit"
+            peer.send(frame(DATA, 1, payload[sent:sent + CHUNK]))
+            await peer.writer.drain()
+        await until(lambda: peer.server_credit(1) - len(payload) <= WINDOW)
+        assert srv.window_budget.available == mux.MAX_GROWTH
+        (stream,) = the_carrier(srv).live
+        assert stream.is_reading()  # shrunk without a pause of its reader
+        peer.send(frame(FIN, 1))
+        assert await peer.ending(1) == (FIN, b"")
+    assert peer.data[1] == hashlib.sha256(payload).digest()
+
+
 async def test_bytes_that_pause_the_reader_get_their_credit_back_only_once_it_resumes(pki_dir: Any) -> None:
     """Credit is for bytes the plain side took: a chunk whose hand-on paused the reader (its plain socket
     is full) is returned when reading resumes, so the peer cannot add a window on top of it."""

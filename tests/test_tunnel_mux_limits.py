@@ -219,9 +219,10 @@ async def _talker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
         writer.close()
 
 
-async def test_one_byte_credits_make_one_data_frame_per_read_not_one_per_credit(pki_dir) -> None:
-    """4,096 WINDOW_UPDATEs of one byte in one write: the bytes they free leave as one DATA frame (a frame
-    per credit would be 9 bytes of header, a Python object and a record slot per byte of payload)."""
+async def test_one_byte_credits_make_a_data_frame_per_loop_iteration_not_one_per_credit(pki_dir) -> None:
+    """4,096 WINDOW_UPDATEs of one byte, each in a record of its own, all written at once: the bytes they free
+    leave as a DATA frame per event-loop iteration that read them (a frame per credit would be 9 bytes of
+    header, a Python object and a record slot per byte of payload)."""
     async with plain_target(_talker) as port, running(server_spec(pki_dir, f"127.0.0.1:{port}")) as (srv,), \
             mux_peer(pki_dir, srv.port) as peer:
         peer.send(frame(OPEN, 1))
@@ -230,9 +231,11 @@ async def test_one_byte_credits_make_one_data_frame_per_read_not_one_per_credit(
         await until(lambda: stream.get_write_buffer_size() > 4096)
         frames_before = len(peer.of(1, DATA))
         peer.granted[1] += 4096
-        peer.send(window_update(1, 1) * 4096)  # 53,248 bytes: one record
+        for _ in range(4096):
+            peer.send(window_update(1, 1))  # one record each, one TCP write for all (no await between)
         await until(lambda: len(peer.data[1]) == mux.WINDOW + 4096)
-        assert len(peer.of(1, DATA)) - frames_before == 1
+        # 147 KB of records arrive in a handful of reads (ten or so here); one frame per credit would be 4,096.
+        assert len(peer.of(1, DATA)) - frames_before <= 64
 
 
 async def test_credit_for_a_peer_that_does_not_read_leaves_the_backlog_where_it_is(pki_dir) -> None:

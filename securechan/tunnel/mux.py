@@ -23,22 +23,24 @@ RESET (the far side resets its plain connection), and a stream the carrier took 
 it reports the carrier's error through ``connection_lost``.
 
 Flow control is per stream and direction: a sender may have at most its credit of DATA
-unacknowledged (:data:`WINDOW` at first); the receiver returns credit (WINDOW_UPDATE) as it
-hands the bytes on, and stops returning it while its reader is paused (``pause_reading``:
-the plain connection it writes to is full). A stream that hands a whole window on within
-:data:`GROW_WITHIN` seconds gets twice the window (more credit than it passed on), up to
-:data:`MAX_WINDOW`, out of a :class:`WindowBudget` its tunnel's carriers share: one window
-per round trip would hold a bulk stream far below what the carrier can carry. Once its
-reader is paused, a grown window shrinks back (less credit than it passed on) and its
-growth goes back to the budget. Bytes written beyond the credit wait in the sender's
-:class:`MuxStream`, ``bytes`` as given (never copied again) and small writes gathered; above
-64 KiB of them it reports ``pause_writing`` to its protocol, which stops reading the plain
-connection. They leave once the carrier's input has been parsed (the credit of many
-WINDOW_UPDATEs makes one DATA frame), and not while the carrier itself is paused (its peer
-is not reading). So one slow reader stalls only its own stream, and the bytes a process
-holds per stream stay below the window it granted plus 64 KiB (its plain connection's write
-buffer), and 64 KiB plus one read on the sending side. A peer that sends beyond the credit
-it was given breaks the protocol and loses the carrier.
+unacknowledged (:data:`WINDOW` at first); the receiver returns credit (WINDOW_UPDATE) as
+it hands the bytes on, and stops returning it while its reader is paused
+(``pause_reading``: the plain connection it writes to is full). A stream that hands a
+whole window on within :data:`GROW_WITHIN` seconds gets twice the window (more credit than
+it passed on), up to :data:`MAX_WINDOW`, out of a :class:`WindowBudget` its tunnel's
+carriers share: one window per round trip would hold a bulk stream far below what the
+carrier can carry. Once its reader is paused, or a whole window takes it longer than
+:data:`SHRINK_AFTER` seconds, a grown window shrinks back (less credit than it passed on)
+and its growth goes back to the budget; an idle stream keeps its window (its peer may
+still send that much). Bytes written beyond the credit wait in the sender's
+:class:`MuxStream`, ``bytes`` as given (never copied again) and small writes gathered;
+above 64 KiB of them it reports ``pause_writing`` to its protocol, which stops reading the
+plain connection. They leave at the end of the loop iteration in which credit came (the
+credit of many WINDOW_UPDATEs makes one DATA frame), and not while the carrier itself is
+paused (its peer is not reading). So one slow reader stalls only its own stream, and the
+bytes a process holds per stream stay below the window it granted plus 64 KiB (its plain
+connection's write buffer), and 64 KiB plus one read on the sending side. A peer that
+sends beyond the credit it was given breaks the protocol and loses the carrier.
 
 Only the client opens streams, with strictly increasing identifiers. The server ends a
 carrier with GOAWAY (shutdown, reload, idle): the client opens no more streams on it and
@@ -71,6 +73,8 @@ WINDOW = 256 * 1024
 MAX_WINDOW = 2 * 1024 * 1024
 #: Seconds: a stream that passes on a window at least this fast (256 KiB: 13 MB/s, 1 MiB: 52 MB/s) grows it.
 GROW_WITHIN = 0.02
+#: Seconds: a grown window whose stream takes longer than this to pass a whole window on shrinks back.
+SHRINK_AFTER = 1.0
 #: What the streams of one tunnel (all its carriers, in this process) may hold beyond their first windows.
 MAX_GROWTH = 32 * 1024 * 1024
 #: The largest credit a stream may hold (a WINDOW frame beyond it breaks the protocol).
@@ -326,10 +330,13 @@ class MuxStream(asyncio.Transport):
             self._passed_on += increment
             if self._passed_on >= self._window:
                 now = self._session.loop.time()
-                if now - self._window_began < GROW_WITHIN and self._window < MAX_WINDOW and not self._lost:
+                took = now - self._window_began
+                if took < GROW_WITHIN and self._window < MAX_WINDOW and not self._lost:
                     extra = self._session.budget.lend(min(self._window, MAX_WINDOW - self._window))
                     self._window += extra
                     increment += extra
+                elif took >= SHRINK_AFTER and self._window > WINDOW:
+                    self._shrinking = True  # no longer moving fast: its growth goes back from the next bytes
                 self._passed_on = 0
                 self._window_began = now
         self._recv_credit += increment
@@ -355,9 +362,9 @@ class MuxStream(asyncio.Transport):
             raise MuxProtocolError(f"stream {self.stream_id}: WINDOW_UPDATE beyond {MAX_CREDIT} bytes of credit")
         self._send_credit = credit
         if self._backlog and not self._credited:
-            # Sent once the carrier's input is parsed: many small WINDOW_UPDATEs make one DATA frame.
+            # Sent at the end of this loop iteration: the WINDOW_UPDATEs of one read make one DATA frame.
             self._credited = True
-            self._session.credited.append(self)
+            self._session.credit_arrived(self)
 
     def _flush_backlog(self) -> None:
         self._credited = False
@@ -475,7 +482,7 @@ class MuxSession(asyncio.Protocol):
         self.closed = False
         self.error: Exception | None = None
         self._out: list[bytes | bytearray | memoryview] = []
-        #: Streams that got credit for their backlog while the carrier's input was parsed.
+        #: Streams that got credit for their backlog in this loop iteration (sent at its end).
         self.credited: list[MuxStream] = []
         #: Bytes of control frames queued while the other end was not reading (RESETs for refused or
         #: failed streams, FINs): bounded, so a peer cannot make us queue frames it never takes.
@@ -498,12 +505,6 @@ class MuxSession(asyncio.Protocol):
             self._parse(data)
         except MuxProtocolError as exc:
             self.fail(exc)
-            return
-        if self.credited:
-            streams, self.credited = self.credited, []
-            for stream in streams:
-                if not stream._lost:
-                    stream._flush_backlog()
 
     def eof_received(self) -> bool:
         # The other end closed the carrier (close_notify): streams still open end with it, cut.
@@ -642,6 +643,18 @@ class MuxSession(asyncio.Protocol):
         self.send_control(kind, stream_id, payload)
         if self._overrun:
             raise _overrun_error()
+
+    def credit_arrived(self, stream: MuxStream) -> None:
+        """``stream`` got credit for its backlog: send it at the end of the loop iteration, with the rest."""
+        if not self.credited:
+            self.loop.call_soon(self._send_credited)
+        self.credited.append(stream)
+
+    def _send_credited(self) -> None:
+        streams, self.credited = self.credited, []
+        for stream in streams:
+            if not stream._lost:
+                stream._flush_backlog()
 
     def forget_if_done(self, stream: MuxStream) -> None:
         if stream._fin_sent and stream._fin_received and self.streams.get(stream.stream_id) is stream:
