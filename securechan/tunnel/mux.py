@@ -153,13 +153,15 @@ class MuxStream(asyncio.Transport):
         self._recv_credit = WINDOW
         self._consumed = 0
         #: Credit granted to the peer in all (outstanding + passed on but not yet returned + held): the
-        #: most this side can be made to hold. It only grows, for a stream that moves it fast.
+        #: most this side can be made to hold. It grows for a stream that moves it fast, and shrinks back
+        #: once the stream slows down or its reader is paused.
         self._window = WINDOW
         self._passed_on = 0  # bytes of the current window passed on, since _window_began
         self._window_began = session.loop.time()
-        #: Its reader was paused with a grown window: the growth is given back as the bytes are passed on.
+        #: A grown window whose reader was paused, or whose stream slowed down: the growth is given back
+        #: (withheld from the credit returned) as the bytes are passed on.
         self._shrinking = False
-        #: Credit arrived (WINDOW_UPDATE) for bytes in the backlog: sent once the carrier's input is parsed.
+        #: Credit arrived (WINDOW_UPDATE) for bytes in the backlog: they leave at the end of the loop iteration.
         self._credited = False
         #: Bytes written beyond the credit, in the order written: ``bytes`` as given (never copied
         #: again) and small writes gathered in bytearrays, so never one object per small write.
@@ -315,7 +317,7 @@ class MuxStream(asyncio.Transport):
 
     def _return_credit(self) -> None:
         """Return the credit of the bytes passed on: with the window's growth if a whole window went by
-        fast, or less the growth while the window shrinks back after its reader was paused."""
+        fast, or less the growth while the window shrinks back (its reader was paused, or it slowed down)."""
         increment, self._consumed = self._consumed, 0
         if self._shrinking:
             back = min(increment, self._window - WINDOW)
