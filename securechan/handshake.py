@@ -206,7 +206,7 @@ class ClientHandshake:
             max_record=cfg.max_record_size,
             server_name=_sent_name(self.server_name),
             accept_tickets=cfg.resume,
-            alpn=cfg.alpn_protocols,  # type: ignore[arg-type]  # a tuple once the config checked it
+            alpn=tuple(cfg.alpn_protocols),  # already a tuple once the config checked it: not copied
         )
         self._offer = self._cached_session()
         if self._offer is not None:

@@ -8,6 +8,7 @@ a later client can offer extensions to this server (the transcript still covers 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -88,7 +89,9 @@ def _int_list(m: dict[str, Any], key: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _bin_list(m: dict[str, Any], key: str, max_items: int, max_item: int, required: bool = True) -> Any:
+def _list(m: dict[str, Any], key: str, max_items: int, item_ok: Callable[[Any], bool], what: str,
+          required: bool) -> tuple[Any, ...] | None:
+    """A list field of 1..``max_items`` items, each passing ``item_ok``; None if optional and absent."""
     value = _get(m, key, list, required)
     if value is None:
         return None
@@ -96,10 +99,15 @@ def _bin_list(m: dict[str, Any], key: str, max_items: int, max_item: int, requir
     for v in value:
         if not ok:
             break
-        ok = isinstance(v, bytes) and 0 < len(v) <= max_item
+        ok = item_ok(v)
     if not ok:
-        raise DecodeError(f"{m.get('type', 'message')}: field {key!r} must be a list of 1-{max_items} byte strings")
+        raise DecodeError(f"{m.get('type', 'message')}: field {key!r} must be a list of 1-{max_items} {what}")
     return tuple(value)
+
+
+def _bin_list(m: dict[str, Any], key: str, max_items: int, max_item: int, required: bool = True) -> Any:
+    return _list(m, key, max_items, lambda v: isinstance(v, bytes) and 0 < len(v) <= max_item, "byte strings",
+                 required)
 
 
 def _protocol(m: dict[str, Any], key: str) -> str | None:
@@ -110,17 +118,11 @@ def _protocol(m: dict[str, Any], key: str) -> str | None:
 
 
 def _protocol_list(m: dict[str, Any], key: str) -> tuple[str, ...]:
-    value = _get(m, key, list, required=False)
-    if value is None:
-        return ()
-    ok = 1 <= len(value) <= MAX_LIST_LEN
-    for v in value:
-        if not ok:
-            break
-        ok = isinstance(v, str) and is_protocol_name(v)
-    if not ok:
-        raise DecodeError(f"{m.get('type', 'message')}: field {key!r} must be a list of 1-16 protocol names")
-    return tuple(value)
+    return _list(m, key, MAX_LIST_LEN, _is_protocol_item, "protocol names", required=False) or ()
+
+
+def _is_protocol_item(v: Any) -> bool:
+    return isinstance(v, str) and is_protocol_name(v)
 
 
 def _exact_keys(m: dict[str, Any], allowed: frozenset[str]) -> None:
