@@ -41,7 +41,7 @@ from muxkit import (
 from tunnelkit import client_spec, echo_then_bye, free_port, pair, plain_target, running, server_spec, until
 
 import securechan
-from securechan.tunnel import mux, service
+from securechan.tunnel import Tunnel, mux, service
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -579,6 +579,17 @@ async def plain_echo(port: int, message: bytes) -> bytes:
         writer.close()
 
 
+async def echoed_through(cli: Tunnel, first: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter,
+                                                                mux.MuxSession]:
+    """A plain connection through the ``--mux`` client tunnel ``cli`` (to an echo target), ``first`` echoed
+    back; and the carrier its stream is on."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+    writer.write(first)
+    assert await reader.readexactly(len(first)) == first
+    (carrier,) = cli.carriers
+    return reader, writer, carrier
+
+
 async def test_client_tunnel_against_a_server_without_mux_fails_each_connection(
     serve: Any, pki_dir: Any, tunnel_log: pytest.LogCaptureFixture
 ) -> None:
@@ -628,10 +639,7 @@ async def test_client_tunnel_resets_its_clients_when_the_carrier_dies_and_makes_
 ) -> None:
     async with plain_target(echo_then_bye) as port, \
             pair(pki_dir, f"127.0.0.1:{port}", client={"mux": True}) as (srv, cli):
-        reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
-        writer.write(b"one")
-        assert await reader.readexactly(3) == b"one"
-        (first,) = cli.carriers
+        reader, writer, first = await echoed_through(cli, b"one")
         srv.cut_now("x")
         with pytest.raises(ConnectionResetError):
             await reader.read()  # a reset, never a clean end
@@ -660,10 +668,7 @@ async def test_client_tunnel_closes_an_idle_carrier(
 async def test_client_tunnel_moves_to_a_new_carrier_after_goaway(pki_dir: Any) -> None:
     async with plain_target(echo_then_bye) as port, \
             pair(pki_dir, f"127.0.0.1:{port}", client={"mux": True}) as (srv, cli):
-        reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
-        writer.write(b"old")
-        assert await reader.readexactly(3) == b"old"
-        (first,) = cli.carriers
+        reader, writer, first = await echoed_through(cli, b"old")
         srv.reload()
         await until(lambda: first.going_away)
         assert await plain_echo(cli.port, b"new") == b"newBYE"  # not on the carrier told to go away
@@ -683,10 +688,7 @@ async def test_client_tunnel_opens_a_new_carrier_before_identifiers_run_out(
     monkeypatch.setattr(mux, "MAX_STREAM_ID", 3)
     async with plain_target(echo_then_bye) as port, \
             pair(pki_dir, f"127.0.0.1:{port}", client={"mux": True}) as (srv, cli):
-        reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
-        writer.write(b"long")
-        assert await reader.readexactly(4) == b"long"  # stream 1, open throughout
-        (first,) = cli.carriers
+        reader, writer, first = await echoed_through(cli, b"long")  # stream 1, open throughout
         for i in range(2, 6):  # streams 2 and 3 on the first carrier; then a new one
             assert await plain_echo(cli.port, b"%d" % i) == b"%dBYE" % i
         assert first.last_id == 3 and not first.usable and not first.closed
