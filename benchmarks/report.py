@@ -92,7 +92,7 @@ def ratio_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
                                      ("redis_ping_c50", "tunnel redis PING c=50", "spiped", 1.0),
                                      ("redis_new_conn", "tunnel new connections (redis -k 0)", "spiped", 2.0)):
         per = t.get(fig) or {}
-        for ours, mode in (("securechan", ""), ("securechan-mux", ", --mux")):
+        for ours, mode in (("securechan", ""), ("securechan-no-mux", ", --no-mux")):
             if ours in per:
                 for p in ("direct", "stunnel", "spiped"):
                     if p in per:

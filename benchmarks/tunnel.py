@@ -174,20 +174,21 @@ def spiped(target: int, pki: BenchPKI, work: Path) -> Iterator[Front]:
 
 
 @contextlib.contextmanager
-def securechan_tunnel(target: int, pki: BenchPKI, work: Path, *, mux: bool = False) -> Iterator[Front]:
-    """A securechan tunnel pair; ``mux``: the client tunnel carries every connection over one (``--mux``)."""
+def securechan_tunnel(target: int, pki: BenchPKI, work: Path, *, no_mux: bool = False) -> Iterator[Front]:
+    """A securechan tunnel pair: the client tunnel carries every connection over one securechan connection
+    (the default), or, with ``no_mux``, makes one per connection (``--no-mux``)."""
     mid, front = free_port(), free_port()
     sc = [sys.executable, "-m", "securechan"]
     server_argv = [*sc, "server", "--listen", f"127.0.0.1:{mid}", "--target", f"127.0.0.1:{target}",
                    "--cert", str(pki.cert), "--key", str(pki.key)]
     client_argv = [*sc, "client", "--listen", f"127.0.0.1:{front}", "--target", f"127.0.0.1:{mid}",
-                   "--cafile", str(pki.ca), "--server-name", "127.0.0.1", *(["--mux"] if mux else [])]
+                   "--cafile", str(pki.ca), "--server-name", "127.0.0.1", *(["--no-mux"] if no_mux else [])]
     with pair(work, server_argv, client_argv, mid, front, cwd=ROOT) as ends:
         yield ends
 
 
 CONTENDERS = {"direct": direct, "stunnel": stunnel, "spiped": spiped, "securechan": securechan_tunnel,
-              "securechan-mux": functools.partial(securechan_tunnel, mux=True)}
+              "securechan-no-mux": functools.partial(securechan_tunnel, no_mux=True)}
 
 
 def available() -> tuple[dict[str, Any], dict[str, str]]:

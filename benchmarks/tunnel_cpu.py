@@ -1,7 +1,7 @@
 """CPU per request of each tunnel end under redis-benchmark, against two floors written in Python.
 
     python -m benchmarks.tunnel_cpu [--requests 100000] [--new-requests 10000] [--runs 3]
-                                    [--contenders securechan,securechan-mux,spiped,stunnel,relay,aead-relay]
+                                    [--contenders securechan,securechan-no-mux,spiped,stunnel,relay,aead-relay]
 
 The tunnel figures of ``python -m benchmarks`` are rates; on two cores a rate is set by
 the CPU each tunnel end spends per request, since each end shares its core with the load
@@ -68,7 +68,7 @@ def _floor(mode: str) -> Callable[[int, pkiutil.BenchPKI, Path], contextlib.Abst
 
 
 FLOORS = {"relay": _floor("plain"), "aead-relay": _floor("aead")}
-CONTENDERS = ("securechan", "securechan-mux", "spiped", "stunnel", *FLOORS)
+CONTENDERS = ("securechan", "securechan-no-mux", "spiped", "stunnel", *FLOORS)
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:

@@ -1,13 +1,15 @@
 """Instructions per tunnelled request and per tunnelled connection, counted, not timed.
 
-    python -m benchmarks.tunnel_instructions [--requests 10000] [--connections 200]
+    python -m benchmarks.tunnel_instructions [--requests 10000] [--connections 200] [--no-mux]
 
 A PING/PONG target, a ``securechan server`` tunnel end in front of it, a ``securechan
 client`` end in front of that, and a client all run in one uvloop process, with the tunnel
 ends' connection log on (formatted as the CLI does, written to ``os.devnull``). Two loads:
 ``request``, kept-alive requests on one connection (the per-message path: one seal and one
 open per message and end, the relay, the transports), and ``connection``, one request per
-new connection (accept, connect, resumed handshake, ticket, relay, close_notify, teardown).
+new connection (accept, an OPEN on the multiplexed connection, relay, FIN both ways; with
+``--no-mux``, a connection of its own: connect, resumed handshake, ticket, relay,
+close_notify, teardown).
 
 Each load runs twice under ``valgrind --tool=cachegrind`` (a short and a long run, after the
 same warm-up), and the figure is the difference in user-space instructions divided by the
@@ -83,7 +85,7 @@ async def _one_connection(port: int, requests: int) -> None:
     await done
 
 
-async def _load(kind: str, count: int, pki_dir: Path) -> None:
+async def _load(kind: str, count: int, pki_dir: Path, no_mux: bool) -> None:
     from securechan.tunnel import Tunnel, TunnelSpec, parse_address
 
     loop = asyncio.get_running_loop()
@@ -96,7 +98,7 @@ async def _load(kind: str, count: int, pki_dir: Path) -> None:
     await server.start()
     client = Tunnel(TunnelSpec(mode="client", listen=parse_address(f"{LOOPBACK}:0"),
                                target=parse_address(f"{LOOPBACK}:{server.port}"), name="client",
-                               cafile=str(bench.ca), server_name=LOOPBACK))
+                               cafile=str(bench.ca), server_name=LOOPBACK, no_mux=no_mux))
     await client.start()
     port = client.port
     try:
@@ -114,18 +116,19 @@ async def _load(kind: str, count: int, pki_dir: Path) -> None:
         target.close()
 
 
-def _worker(kind: str, count: int, pki_dir: Path) -> None:
+def _worker(kind: str, count: int, pki_dir: Path, no_mux: bool) -> None:
     import uvloop
 
     # The CLI's log line per connection end, formatted as the CLI formats it (securechan/cli.py).
     logging.basicConfig(level=logging.INFO, stream=open(os.devnull, "w"),  # noqa: SIM115 (lives as long as the process)
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvloop.run(_load(kind, count, pki_dir))
+    uvloop.run(_load(kind, count, pki_dir, no_mux))
 
 
-def _instructions(kind: str, count: int, pki_dir: Path) -> int:
+def _instructions(kind: str, count: int, pki_dir: Path, no_mux: bool) -> int:
     argv = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
-            sys.executable, "-m", "benchmarks.tunnel_instructions", "--worker", kind, str(count), str(pki_dir)]
+            sys.executable, "-m", "benchmarks.tunnel_instructions", "--worker", kind, str(count), str(pki_dir),
+            *(["--no-mux"] if no_mux else [])]
     # A fixed hash seed: the same dict layouts in every run, so the two runs differ only in work.
     env = dict(_env(), PYTHONHASHSEED="0")
     done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=env, timeout=3600)
@@ -136,21 +139,24 @@ def _instructions(kind: str, count: int, pki_dir: Path) -> int:
     return int(found.group(1).replace(",", ""))
 
 
-def per_unit(kind: str, count: int, pki_dir: Path) -> float:
+def per_unit(kind: str, count: int, pki_dir: Path, no_mux: bool) -> float:
     """User-space instructions per request or connection: (long run - short run) / (their difference)."""
     short = max(1, count // SHORT)
-    return (_instructions(kind, count, pki_dir) - _instructions(kind, short, pki_dir)) / (count - short)
+    return ((_instructions(kind, count, pki_dir, no_mux) - _instructions(kind, short, pki_dir, no_mux))
+            / (count - short))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=10_000, help="kept-alive requests in the long run")
     parser.add_argument("--connections", type=int, default=200, help="new connections in the long run")
+    parser.add_argument("--no-mux", action="store_true",
+                        help="a client tunnel with --no-mux (a securechan connection per connection)")
     parser.add_argument("--worker", nargs=3, metavar=("KIND", "COUNT", "PKI"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         kind, count, pki_dir = args.worker
-        _worker(kind, int(count), Path(pki_dir))
+        _worker(kind, int(count), Path(pki_dir), args.no_mux)
         return 0
     if args.requests < SHORT + 1 or args.connections < SHORT + 1:
         parser.error(f"--requests and --connections must be at least {SHORT + 1}")
@@ -160,9 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="securechan-instr-") as tmp:
         pki_dir = Path(tmp) / "pki"
         pkiutil.make(pki_dir)
-        request = per_unit("request", args.requests, pki_dir)
-        connection = per_unit("connection", args.connections, pki_dir)
-    print("user-space instructions, all four parties in one process (client, both tunnel ends, target):")
+        request = per_unit("request", args.requests, pki_dir, args.no_mux)
+        connection = per_unit("connection", args.connections, pki_dir, args.no_mux)
+    mode = "client tunnel with --no-mux" if args.no_mux else "client tunnel multiplexing (the default)"
+    print(f"user-space instructions, all four parties in one process (client, both tunnel ends, target), {mode}:")
     print(f"  per kept-alive request:   {request:12,.0f}   ({args.requests:,} requests minus "
           f"{args.requests // SHORT:,})")
     print(f"  per new connection:       {connection:12,.0f}   ({args.connections:,} connections minus "

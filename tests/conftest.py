@@ -59,7 +59,8 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
 
 @pytest.fixture(params=[False, True], ids=["per-connection", "mux"])
 def via(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Run a tunnel-pair test twice: one securechan connection per connection, and all over one (``--mux``)."""
+    """Run a tunnel test twice: one securechan connection per connection (``--no-mux``), and all over one
+    (the default)."""
     import tunnelkit
 
     monkeypatch.setattr(tunnelkit, "MUX", request.param)

@@ -74,7 +74,7 @@ def test_memory_section(tmp_path: Path) -> None:
 def test_tunnel_section_runs_or_explains(tmp_path: Path) -> None:
     r = run_bench(tmp_path, "tunnel", "--no-plots")
     t = r["tunnel"]
-    for peer in ("direct", "stunnel", "spiped", "securechan", "securechan-mux"):
+    for peer in ("direct", "stunnel", "spiped", "securechan", "securechan-no-mux"):
         ran = any(peer in t[fig] for fig in ("iperf3", "redis_ping_c50", "redis_new_conn"))
         assert ran or peer in t["notes"], f"{peer}: neither measured nor explained"
     if "direct" in t["iperf3"]:
@@ -140,14 +140,14 @@ def test_tunnel_cpu_runs(tmp_path: Path) -> None:
     out = tmp_path / "tunnel-cpu.json"
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.tunnel_cpu", "--requests", "300", "--new-requests", "60", "--runs", "1",
-         "--contenders", "securechan,securechan-mux,relay,aead-relay", "--json", str(out)],
+         "--contenders", "securechan,securechan-no-mux,relay,aead-relay", "--json", str(out)],
         capture_output=True, text=True, timeout=180, cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert set(figures["results"]) == {"ping", "new"}
     for per_name in figures["results"].values():
-        assert set(per_name) == {"securechan", "securechan-mux", "relay", "aead-relay"}
+        assert set(per_name) == {"securechan", "securechan-no-mux", "relay", "aead-relay"}
         for kind in per_name.values():
             assert _is_summary(kind["rate"])
             # CPU is read in clock ticks: a tiny window may round to zero, never below it.

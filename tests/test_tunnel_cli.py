@@ -223,6 +223,9 @@ async def test_config_check_reads_the_files(pki_dir, tmp_path) -> None:
 async def test_exit_codes_usage_config_listen(pki_dir) -> None:
     cli = await Cli.start("server", "--listen", "127.0.0.1:1")  # --target missing
     assert await cli.exit_code() == 2
+    cli = await Cli.start("client", "--listen", "127.0.0.1:0", "--target", "127.0.0.1:1", "--mux", "--no-mux")
+    assert await cli.exit_code() == 2
+    assert "argument --no-mux: not allowed with argument --mux" in cli.output
     cli = await Cli.start("client", "--listen", "127.0.0.1:0", "--target", "127.0.0.1:1")
     assert await cli.exit_code() == 3
     assert "a client tunnel must verify the server: give --cafile FILE" in cli.output
@@ -455,18 +458,20 @@ async def test_workers_stop_when_the_supervisor_is_killed(pki_dir) -> None:
     assert sum("stopped: 0 connections relayed" in line for line in cli.lines) == 2, cli.output
 
 
-async def mux_client_and_server(pki_dir, mid: int, front: int, target: int, *server_args: str) -> tuple[Cli, Cli]:
-    """``securechan server`` on ``mid`` in front of ``target``, and ``securechan client --mux`` on ``front``."""
+async def mux_client_and_server(pki_dir, mid: int, front: int, target: int, *server_args: str,
+                                client_args: tuple[str, ...] = ()) -> tuple[Cli, Cli]:
+    """``securechan server`` on ``mid`` in front of ``target``, and ``securechan client`` (multiplexing by
+    default) on ``front``."""
     server = await Cli.start("server", "--listen", f"127.0.0.1:{mid}", "--target", f"127.0.0.1:{target}", *server_args)
     client = await Cli.start("client", "--listen", f"127.0.0.1:{front}", "--target", f"127.0.0.1:{mid}",
-                             "--cafile", str(pki_dir.ca_file), "--server-name", "localhost", "--mux")
+                             "--cafile", str(pki_dir.ca_file), "--server-name", "localhost", *client_args)
     return server, client
 
 
 async def test_mux_client_program_carries_connections_and_moves_to_new_certificates_on_sighup(
         pki_dir, tmp_path) -> None:
-    """``securechan client --mux`` against ``securechan server``: one carrier for many connections; a SIGHUP
-    on the server sends the client to a new carrier while open streams go on."""
+    """``securechan client`` against ``securechan server``, both as they come: one carrier for many
+    connections; a SIGHUP on the server sends the client to a new carrier while open streams go on."""
     cert, key = pki_dir.issue("localhost", ips=["127.0.0.1"])
     live_cert, live_key = tmp_path / "live.crt", tmp_path / "live.key"
     live_cert.write_bytes(cert.read_bytes())
@@ -526,11 +531,50 @@ async def test_mux_client_program_carries_connections_and_moves_to_new_certifica
             await server.stop()
 
 
+@pytest.mark.parametrize("client_args", [(), ("--no-mux",)], ids=["default", "no-mux"])
+async def test_server_program_with_no_mux_serves_a_client_that_falls_back_or_does_not_multiplex(
+        pki_dir, client_args: tuple[str, ...]) -> None:
+    """The default client program falls back to a connection each (and says so once, naming --no-mux);
+    one with --no-mux does that from the start, without the line."""
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+        writer.close()
+
+    mid, front = free_port(), free_port()
+    async with plain_target(echo) as target:
+        server, client = await mux_client_and_server(pki_dir, mid, front, target, "--cert", str(pki_dir.server_cert),
+                                                     "--key", str(pki_dir.server_key), "--no-mux",
+                                                     client_args=client_args)
+        try:
+            await server.wait_for("ready: 1 tunnel")
+            await client.wait_for("ready: 1 tunnel")
+            for i in range(3):
+                reader, writer = await asyncio.open_connection("127.0.0.1", front)
+                writer.write(b"hello %d" % i)
+                writer.write_eof()
+                assert await reader.read() == b"hello %d" % i
+                writer.close()
+            await client.wait_for_count("closed: ", 3)
+            fallback = [line for line in client.lines if "does not accept multiplexed connections" in line]
+            if client_args:
+                assert not fallback, client.output
+            else:
+                (line,) = fallback
+                assert "WARNING" in line and "makes one securechan connection per connection" in line
+                assert "give it --no-mux to do so from the start" in line
+            assert not [line for line in client.lines if "multiplexed securechan connection to" in line]
+        finally:
+            await client.stop()
+            await server.stop()
+
+
 async def test_server_program_with_no_mux_turns_a_mux_client_away_with_a_clear_line(pki_dir) -> None:
     mid, front = free_port(), free_port()
     async with plain_target(lambda r, w: w.close()) as target:
         server, client = await mux_client_and_server(pki_dir, mid, front, target, "--cert", str(pki_dir.server_cert),
-                                                     "--key", str(pki_dir.server_key), "--no-mux")
+                                                     "--key", str(pki_dir.server_key), "--no-mux",
+                                                     client_args=("--mux",))
         try:
             await server.wait_for("ready: 1 tunnel")
             await client.wait_for("ready: 1 tunnel")

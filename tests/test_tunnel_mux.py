@@ -615,11 +615,12 @@ async def test_server_tunnel_with_no_mux_refuses_multiplexing_and_serves_the_def
     pki_dir: Any, tunnel_log: pytest.LogCaptureFixture
 ) -> None:
     """--no-mux: the handshake agrees on no application protocol, so a --mux client tunnel fails each
-    connection with a line naming the option; a client tunnel in the default mode is served as before."""
+    connection with a line naming the option; a --no-mux client tunnel is served as before (the default
+    one falls back: test_tunnel_mux_fallback.py)."""
     async with plain_target(echo_then_bye) as target, \
             running(server_spec(pki_dir, f"127.0.0.1:{target}", no_mux=True)) as (srv,), \
             running(client_spec(pki_dir, f"127.0.0.1:{srv.port}", mux=True, name="muxed"),
-                    client_spec(pki_dir, f"127.0.0.1:{srv.port}", name="plain")) as (muxed, plain):
+                    client_spec(pki_dir, f"127.0.0.1:{srv.port}", name="plain", no_mux=True)) as (muxed, plain):
         reader, writer = await securechan.open_connection(
             "127.0.0.1", srv.port, config=pki_dir.client_config(alpn_protocols=[PROTOCOL]), server_name="localhost")
         assert writer.get_extra_info("alpn_protocol") is None
@@ -631,7 +632,7 @@ async def test_server_tunnel_with_no_mux_refuses_multiplexing_and_serves_the_def
         assert not srv.carriers and not muxed.carriers
     (failure,) = [line for line in tunnel_lines(tunnel_log, logging.WARNING).splitlines()
                   if "does not accept multiplexed connections" in line]
-    assert "it runs with --no-mux" in failure and "run this client tunnel without --mux" in failure
+    assert "it runs with --no-mux" in failure and "run this client tunnel without --mux (it then makes one" in failure
 
 
 async def test_client_tunnel_resets_its_clients_when_the_carrier_dies_and_makes_a_new_one(

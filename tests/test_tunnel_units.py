@@ -130,6 +130,7 @@ def test_config_parses_two_tunnels_with_defaults_and_relative_paths() -> None:
     assert db.name == "tunnel2" and db.pin == ("sha256:" + "ab" * 32,) and db.idle_timeout == 60
     assert db.mux and not redis.mux and redis.no_mux and not db.no_mux
     assert db.client_config().alpn_protocols == ("securechan-mux/1",)
+    assert db.client_config(offer_mux=False).alpn_protocols == ()
     assert db.effective_server_name == "db.internal"
 
 
@@ -216,7 +217,8 @@ def test_config_toml_syntax_error_names_the_line(tmp_path) -> None:
     ({"mode": "server", "cert": "c", "key": "k", "cafile": "ca"}, "cafile (--cafile) is for client tunnels"),
     ({"mode": "client", "pin": ("p",), "proxy_protocol": True}, "proxy_protocol (--proxy-protocol) is for server"),
     ({"mode": "server", "cert": "c", "key": "k", "mux": True}, "mux (--mux) is for client tunnels"),
-    ({"mode": "client", "pin": ("p",), "no_mux": True}, "no_mux (--no-mux) is for server tunnels"),
+    ({"mode": "client", "pin": ("p",), "mux": True, "no_mux": True},
+     "mux and no_mux (--mux/--no-mux) contradict each other: give --mux to require multiplexing"),
     ({"mode": "client", "cafile": "ca", "target": "unix:/s"}, "is a Unix socket: give --server-name NAME"),
     ({"mode": "client", "cafile": "ca", "target": ":9000"}, "target :9000 names no host: give --server-name NAME"),
     ({"mode": "client", "cafile": "ca", "server_name": "bad name"}, "server_name 'bad name' is neither a DNS name"),

@@ -69,6 +69,11 @@ def server_spec(pki: Any, target: str, **kw: Any) -> TunnelSpec:
 
 
 def client_spec(pki: Any, target: str, **kw: Any) -> TunnelSpec:
+    """A client tunnel. Unlike the command's default, it makes one securechan connection per connection
+    (``no_mux``) unless the test gives ``mux`` or ``no_mux`` itself, or runs under the ``via`` fixture
+    (:data:`MUX`): most tunnel tests are about that path; the multiplexed one has tests of its own."""
+    if "mux" not in kw and "no_mux" not in kw:
+        kw["no_mux"] = not MUX
     kw.setdefault("listen", "127.0.0.1:0")
     kw.setdefault("server_name", "localhost")
     kw.setdefault("cafile", str(pki.ca_file))
@@ -88,7 +93,8 @@ async def running(*specs: TunnelSpec) -> AsyncIterator[list[Tunnel]]:
             await t.close(2)
 
 
-#: Whether :func:`pair` makes a multiplexing client tunnel (``--mux``); the ``via`` fixture sets it per test.
+#: Whether :func:`client_spec` makes a client tunnel in the default mode (multiplexing) rather than one with
+#: ``no_mux``; the ``via`` fixture sets it per test.
 MUX = False
 
 
@@ -96,10 +102,9 @@ MUX = False
 async def pair(pki: Any, target: str, *, server: dict[str, Any] | None = None,
                client: dict[str, Any] | None = None) -> AsyncIterator[tuple[Tunnel, Tunnel]]:
     """A server tunnel in front of ``target`` and a client tunnel in front of that server tunnel."""
-    client = {"mux": MUX, **(client or {})}
     async with (
         running(server_spec(pki, target, **(server or {}))) as (srv,),
-        running(client_spec(pki, f"127.0.0.1:{srv.port}", **client)) as (cli,),
+        running(client_spec(pki, f"127.0.0.1:{srv.port}", **(client or {}))) as (cli,),
     ):
         yield srv, cli
 

@@ -41,8 +41,9 @@ def register(sub: Any) -> None:
     server.add_argument("--proxy-protocol", action="store_true",
                         help="send a PROXY protocol v2 header to the target with the real client address")
     server.add_argument("--no-mux", action="store_true",
-                        help="refuse client tunnels that run with --mux (by default they are accepted: many "
-                             "connections over one securechan connection)")
+                        help="refuse multiplexed client tunnels (by default they are accepted: many connections "
+                             "over one securechan connection); they fall back to one connection each, or fail "
+                             "with --mux")
     server.set_defaults(func=_run_server)
 
     client = sub.add_parser(
@@ -57,9 +58,15 @@ def register(sub: Any) -> None:
                         help="accept the server key with this SPKI pin, sha256:<hex> (repeatable)")
     verify.add_argument("--server-name", metavar="NAME",
                         help="name the server certificate must carry (default: the --target host)")
-    client.add_argument("--mux", action="store_true",
-                        help="carry every connection as a stream of one securechan connection to the server "
-                             "tunnel (no handshake per connection; the server tunnel needs no option)")
+    mux_group = client.add_argument_group(
+        "multiplexing", "By default every connection is a stream of one securechan connection to the server tunnel "
+        "(no TCP connect, handshake or close per connection), or, if the server tunnel refuses that (--no-mux "
+        "there), a securechan connection of its own.")
+    modes = mux_group.add_mutually_exclusive_group()
+    modes.add_argument("--mux", action="store_true",
+                       help="multiplex or fail: a server tunnel that refuses fails every connection")
+    modes.add_argument("--no-mux", action="store_true",
+                       help="one securechan connection per connection, never multiplexed (as stunnel does)")
     client.set_defaults(func=_run_client)
 
     runner = sub.add_parser(
@@ -123,7 +130,7 @@ def _spec(args: argparse.Namespace, mode: str) -> TunnelSpec:
         pin=() if server else tuple(args.pin),
         server_name=None if server else args.server_name,
         mux=False if server else args.mux,
-        no_mux=args.no_mux if server else False,
+        no_mux=args.no_mux,
         max_connections=args.max_connections, handshake_timeout=args.handshake_timeout,
         connect_timeout=args.connect_timeout, connect_retries=args.connect_retries, retry_delay=args.retry_delay,
         idle_timeout=args.idle_timeout, max_lifetime=args.max_lifetime, quiet=args.quiet,

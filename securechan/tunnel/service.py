@@ -31,6 +31,7 @@ end mistakes a cut stream for a complete one).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -82,6 +83,14 @@ def _peer_text(peer: Any) -> str:
 
 class _CarrierFailed(Exception):
     """The multiplexed connection to the server tunnel could not be made; the text says why."""
+
+
+class _NotMultiplexed(Exception):
+    """The server tunnel does not multiplex: the connection made carries ``relay`` alone (None: nobody waited)."""
+
+    def __init__(self, relay: Relay | None) -> None:
+        super().__init__()
+        self.relay = relay
 
 
 def _session_text(secure_end: End) -> tuple[str, str]:
@@ -158,16 +167,8 @@ class _ClientProtocol(_TunnelProtocol):
         if self._settled:  # reported as failed already (cannot happen: a cut aborts the socket first)
             end.abort()
             return
-        try:
-            identity, suite = _session_text(end)
-        except Exception as exc:
-            # A defect, not the peer: the connection is not left paused with its slot taken.
-            self.settle_failed(f"internal error while starting the relay ({type(exc).__name__})")
-            asyncio.get_running_loop().call_exception_handler(
-                {"message": "exception while starting a tunnel relay", "exception": exc})
-            return
         self._settled = True
-        self._tunnel._client_ready(self, self._relay, self._peer_text, identity, suite, self._started)
+        self._tunnel._client_ready(self, self._started, end)
 
     def settle_failed(self, why: str) -> None:
         """The connection will not be relayed: stop the relay, log ``why``, free the slot (once)."""
@@ -190,7 +191,14 @@ class Tunnel:
         self.spec = spec
         self.reuse_port = reuse_port
         self._server_config: ServerConfig | None = spec.server_config() if spec.mode == "server" else None
-        self._client_config: ClientConfig | None = spec.client_config() if spec.mode == "client" else None
+        self._client_config: ClientConfig | None = None
+        #: Client side: the config of connections that carry one connection each (multiplexing not offered).
+        self._direct_config: ClientConfig | None = None
+        #: Client side: new connections become streams of a multiplexed connection (the default, not
+        #: --no-mux) until the server tunnel refuses that; a reload asks it again.
+        self._multiplex = False
+        if spec.mode == "client":
+            self._load_client_configs()
         self.server: asyncio.Server | None = None
         self.active = 0
         #: Relays running, and relays whose second connection (target connect, handshake) is still being made.
@@ -208,6 +216,8 @@ class Tunnel:
         self.window_budget = mux.WindowBudget()
         self._mux_current: mux.MuxSession | None = None
         self._mux_pending: asyncio.Future[mux.MuxSession] | None = None
+        #: Client connections waiting for the multiplexed connection being made, and when each was accepted.
+        self._mux_waiting: collections.deque[tuple[Relay, float]] = collections.deque()
         self._refusal_logged = -1e9
         self._refusals_unlogged = 0
         self._refusal_tail: asyncio.TimerHandle | None = None
@@ -370,10 +380,18 @@ class Tunnel:
             config.continue_from(self._server_config)
             self._server_config = config
         else:
-            self._client_config = self.spec.client_config()
+            self._load_client_configs()
         # Multiplexed connections move to the new certificates too: new streams go to new connections.
         self._retire_carriers(refuse_now=False)
         log.info("tunnel %r: reloaded certificates for new connections", self.spec.title)
+
+    def _load_client_configs(self) -> None:
+        spec = self.spec
+        self._client_config = spec.client_config()
+        self._direct_config = self._client_config
+        if spec.multiplexed and not spec.mux:  # the default: falls back to direct connections if refused
+            self._direct_config = spec.client_config(offer_mux=False)
+        self._multiplex = spec.multiplexed
 
     # -- accounting -------------------------------------------------------------------------
 
@@ -579,7 +597,7 @@ class Tunnel:
         assert end.transport is not None
         if not self._admit(end.transport):
             return
-        if not self.spec.mux:
+        if not self._multiplex:
             self._spawn(self._serve_plain(end.relay))
         elif self._mux_current is not None and self._mux_current.usable:
             # The usual case: a stream on the connection already made (no task, no round trip).
@@ -591,6 +609,9 @@ class Tunnel:
         """Wait for the multiplexed connection to the server tunnel (made once for all waiting), then open a stream."""
         started = asyncio.get_running_loop().time()
         self.connecting.add(relay)
+        waiting = (relay, started)
+        self._mux_waiting.append(waiting)
+        session: mux.MuxSession | None = None
         try:
             # A carrier can stop taking streams between its handshake and this task's turn (a GOAWAY
             # in its first read, a loss): then the next one is made, once.
@@ -603,16 +624,26 @@ class Tunnel:
                                      "streams as soon as they were made (closed or sent away by the server tunnel, "
                                      "whose log says why, or replaced by a reload here)")
         except asyncio.CancelledError:
-            relay.stop("cancelled")
-            self._client_failed(None, relay, self._plain_peer(relay), started, relay.reason or "cancelled")
+            if relay in self.connecting:  # not relaying yet (see _NotMultiplexed)
+                relay.stop("cancelled")
+                self._client_failed(None, relay, self._plain_peer(relay), started, relay.reason or "cancelled")
             raise
         except _CarrierFailed as exc:
             self._client_failed(None, relay, self._plain_peer(relay), started, str(exc))
             return
+        except _NotMultiplexed as exc:
+            if exc.relay is relay:  # the connection made is this one's own, and relays already
+                return
+            session = None
+        finally:
+            with contextlib.suppress(ValueError):
+                self._mux_waiting.remove(waiting)
         if relay.reason is not None:  # the plain client went away (or the tunnel cut it) meanwhile
             self._client_failed(None, relay, self._plain_peer(relay), started, relay.reason)
-            return
-        self._open_mux_stream(session, relay, started)
+        elif session is None:  # the server tunnel does not multiplex: a connection of its own
+            await self._serve_plain(relay, started)
+        else:
+            self._open_mux_stream(session, relay, started)
 
     @staticmethod
     def _plain_peer(relay: Relay) -> str:
@@ -655,7 +686,23 @@ class Tunnel:
             connection = Connection(cfg, server_name=name, resume_key=(target.path or target.host, target.port, name))
         except Exception as exc:
             raise _CarrierFailed(f"cannot start a securechan connection ({type(exc).__name__}: {exc})") from None
-        proto = _TunnelProtocol(connection, lambda: session, waiter, cfg.handshake_timeout)
+        direct: list[Relay] = []
+
+        def app_protocol() -> asyncio.BaseProtocol:  # called once the handshake completed
+            assert proto.app_transport is not None
+            if spec.mux or proto.app_transport.get_extra_info("alpn_protocol") == mux.PROTOCOL:
+                return session
+            # The server tunnel does not multiplex: the connection is the first waiting one's own, and
+            # relays from inside this call like a direct connection (_ClientProtocol).
+            while self._mux_waiting:
+                relay, started = self._mux_waiting.popleft()
+                if relay.reason is None:
+                    direct.append(relay)
+                    relay.target.on_connected = functools.partial(self._client_ready, proto, started)
+                    return relay.target
+            return asyncio.Protocol()  # nobody waits any more: closed below
+
+        proto = _TunnelProtocol(connection, app_protocol, waiter, cfg.handshake_timeout)
         self._protocols.add(proto)
         try:
             try:
@@ -673,10 +720,21 @@ class Tunnel:
         finally:
             self._protocols.discard(proto)
         if session.carrier is None or session.carrier.get_extra_info("alpn_protocol") != mux.PROTOCOL:
-            proto.abort()
-            raise _CarrierFailed(f"the server tunnel at {target} does not accept multiplexed connections (--mux): "
-                                 "it runs with --no-mux, or is not a securechan server tunnel of this version; "
-                                 "run this client tunnel without --mux, or the server tunnel without --no-mux")
+            if spec.mux:
+                proto.abort()
+                raise _CarrierFailed(f"the server tunnel at {target} does not accept multiplexed connections "
+                                     "(--mux): it runs with --no-mux, or is not a securechan server tunnel of this "
+                                     "version; run this client tunnel without --mux (it then makes one securechan "
+                                     "connection per connection), or the server tunnel without --no-mux")
+            if cfg is self._client_config and self._multiplex:
+                self._multiplex = False
+                log.warning("tunnel %r: the server tunnel at %s does not accept multiplexed connections (it runs "
+                            "with --no-mux): this tunnel makes one securechan connection per connection until it "
+                            "is reloaded or restarted; give it --no-mux to do so from the start",
+                            spec.title, target)
+            if not direct and proto.app_transport is not None:
+                proto.app_transport.close()
+            raise _NotMultiplexed(direct[0] if direct else None)
         if self._closing:
             session.close()
             raise _CarrierFailed("the tunnel is shutting down")
@@ -693,11 +751,12 @@ class Tunnel:
                  spec.title, target, identity, suite)
         return session
 
-    async def _serve_plain(self, relay: Relay) -> None:
+    async def _serve_plain(self, relay: Relay, started: float | None = None) -> None:
         """Make the TCP connection to the server tunnel; the handshake and the relay go on in callbacks."""
-        spec, cfg = self.spec, self._client_config
+        spec, cfg = self.spec, self._direct_config
         assert cfg is not None and relay.client.transport is not None
-        started = asyncio.get_running_loop().time()
+        if started is None:
+            started = asyncio.get_running_loop().time()
         peer = _peer_text(relay.client.transport.get_extra_info("peername"))
         target, name = spec.target, spec.effective_server_name
         try:
@@ -725,15 +784,25 @@ class Tunnel:
                 proto.settle_failed(relay.reason or "cancelled")
             raise
 
-    def _client_ready(self, proto: _ClientProtocol, relay: Relay, peer: str, identity: str, suite: str,
-                      started: float) -> None:
-        """The handshake completed (inside its ``connection_made``): relay at once."""
+    def _client_ready(self, proto: _TunnelProtocol, started: float, end: End) -> None:
+        """The handshake of the connection that carries ``end``'s relay alone completed (inside its
+        ``connection_made``): relay at once."""
+        relay, peer = end.relay, self._plain_peer(end.relay)
+        try:
+            identity, suite = _session_text(end)
+        except Exception as exc:
+            # A defect, not the peer: the connection is not left paused with its slot taken.
+            self._client_failed(proto, relay, peer, started,
+                                f"internal error while starting the relay ({type(exc).__name__})")
+            asyncio.get_running_loop().call_exception_handler(
+                {"message": "exception while starting a tunnel relay", "exception": exc})
+            return
         self.connecting.discard(relay)
         self._protocols.discard(proto)
         # From here the relay owns the connection slot: it releases it when it ends.
         self._start_relay(relay, peer, identity, suite, started, release=True)
 
-    def _client_failed(self, proto: _ClientProtocol | None, relay: Relay, peer: str, started: float,
+    def _client_failed(self, proto: _TunnelProtocol | None, relay: Relay, peer: str, started: float,
                        why: str) -> None:
         self.connecting.discard(relay)
         if proto is not None:

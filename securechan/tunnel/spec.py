@@ -45,9 +45,12 @@ class TunnelSpec:
     cafile: str | None = None
     pin: tuple[str, ...] = ()
     server_name: str | None = None
-    #: client side: carry every connection over one multiplexed securechan connection (server tunnels accept both)
+    #: Client side, by default: carry every connection as a stream of one multiplexed securechan connection
+    #: when the server tunnel accepts that, else make one securechan connection per connection.
+    #: ``mux``: multiplex or fail (a server tunnel that refuses fails every connection, naming the option).
     mux: bool = False
-    #: server side: refuse multiplexed clients (each of their connections then fails, naming this option)
+    #: Client side: one securechan connection per connection, never multiplexed (what stunnel does).
+    #: Server side: refuse multiplexed clients (a client tunnel then falls back to one connection each).
     no_mux: bool = False
     # limits
     max_connections: int = DEFAULT_MAX_CONNECTIONS
@@ -108,10 +111,14 @@ class TunnelSpec:
             except ConfigError as exc:
                 raise ConfigError(f"{exc} (--server-name, or the target's host)") from None
             server_only: tuple[tuple[str, object], ...] = (
-                ("client_ca", self.client_ca), ("proxy_protocol", self.proxy_protocol), ("no_mux", self.no_mux))
+                ("client_ca", self.client_ca), ("proxy_protocol", self.proxy_protocol))
             for opt, other in server_only:
                 if other:
                     raise ConfigError(f"{opt} (--{opt.replace('_', '-')}) is for server tunnels")
+            if self.mux and self.no_mux:
+                raise ConfigError("mux and no_mux (--mux/--no-mux) contradict each other: give --mux to require "
+                                  "multiplexing, --no-mux for one securechan connection per connection, or neither "
+                                  "to multiplex whenever the server tunnel accepts it")
 
     @property
     def effective_server_name(self) -> str | None:
@@ -129,12 +136,22 @@ class TunnelSpec:
             alpn_protocols=() if self.no_mux else (MUX_PROTOCOL,),
         )
 
-    def client_config(self) -> ClientConfig:
-        """One per tunnel, reused for every connection (it keeps the session-ticket cache)."""
+    @property
+    def multiplexed(self) -> bool:
+        """A client tunnel that offers multiplexing to its server tunnel (``mux`` or the default)."""
+        return self.mode == "client" and not self.no_mux
+
+    def client_config(self, *, offer_mux: bool | None = None) -> ClientConfig:
+        """One per tunnel, reused for every connection (it keeps the session-ticket cache).
+
+        ``offer_mux=False``: the config of the connections that carry one connection each.
+        """
+        if offer_mux is None:
+            offer_mux = self.multiplexed
         return ClientConfig(
             cafile=self.cafile, pin=list(self.pin) or None, handshake_timeout=self.handshake_timeout,
             certfile=self.cert, keyfile=self.key, password=read_passphrase(self.key_pass_env, self.key_pass_file),
-            alpn_protocols=(MUX_PROTOCOL,) if self.mux else (),
+            alpn_protocols=(MUX_PROTOCOL,) if offer_mux else (),
         )
 
 

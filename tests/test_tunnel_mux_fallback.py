@@ -1,0 +1,229 @@
+"""How a client tunnel chooses between multiplexing and one securechan connection per connection.
+
+By default it multiplexes, and falls back to a connection each when the server tunnel refuses
+(``--no-mux`` there): the connection it made to find out carries the first waiting connection, so
+the target sees no connection that nobody asked for. ``--no-mux`` on the client never offers
+multiplexing; ``--mux`` requires it (test_tunnel_mux.py has those failures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from tunnelkit import client_spec, free_port, pair, running, server_spec, until
+
+from securechan.tunnel import service
+
+pytestmark = pytest.mark.timeout(60)
+
+#: A client tunnel as the command makes it by default (tunnelkit's client_spec makes one with no_mux).
+DEFAULT = {"no_mux": False}
+FALLBACK = "does not accept multiplexed connections (it runs with --no-mux)"
+
+
+@pytest.fixture
+def tunnel_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.DEBUG, logger="securechan.tunnel")
+    return caplog
+
+
+def messages(caplog: pytest.LogCaptureFixture, level: int = logging.DEBUG) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "securechan.tunnel" and r.levelno >= level]
+
+
+class CountingEcho:
+    """A plain echo target that counts the connections it accepted."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.write_eof()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def counting_target() -> AsyncIterator[tuple[CountingEcho, int]]:
+    target = CountingEcho()
+    server = await asyncio.start_server(target.handle, "127.0.0.1", 0)
+    try:
+        yield target, server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def echo(port: int, message: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(message)
+        writer.write_eof()
+        return await reader.read()
+    finally:
+        writer.close()
+
+
+async def test_a_default_client_tunnel_multiplexes_when_the_server_tunnel_accepts_it(pki_dir: Any) -> None:
+    async with counting_target() as (target, port), pair(pki_dir, f"127.0.0.1:{port}", client=DEFAULT) as (srv, cli):
+        replies = await asyncio.gather(*(echo(cli.port, b"m%d" % i) for i in range(5)))
+        assert replies == [b"m%d" % i for i in range(5)]
+        assert len(cli.carriers) == 1 and len(srv.carriers) == 1
+        (carrier,) = cli.carriers
+        assert carrier.carrier is not None and carrier.carrier.get_extra_info("alpn_protocol") == "securechan-mux/1"
+        assert target.accepted == 5
+
+
+async def test_a_default_client_tunnel_falls_back_to_a_connection_each_against_no_mux(
+    pki_dir: Any, tunnel_log: pytest.LogCaptureFixture
+) -> None:
+    """Five connections wait for the first connection to the server tunnel, which refuses multiplexing:
+    that connection carries one of them, the others get their own, and so does every later one. The
+    target sees exactly the connections that were made, and the fallback is logged once."""
+    async with counting_target() as (target, port), \
+            running(server_spec(pki_dir, f"127.0.0.1:{port}", no_mux=True)) as (srv,), \
+            running(client_spec(pki_dir, f"127.0.0.1:{srv.port}", **DEFAULT)) as (cli,):
+        server_port = srv.port
+        replies = await asyncio.gather(*(echo(cli.port, b"c%d" % i) for i in range(5)))
+        assert replies == [b"c%d" % i for i in range(5)]
+        assert await echo(cli.port, b"later") == b"later"
+        await until(lambda: srv.completed == 6 and cli.completed == 6)
+        assert target.accepted == 6 and srv.accepted == 6
+        assert not cli.carriers and not srv.carriers and not cli._mux_waiting
+    (warning,) = [m for m in messages(tunnel_log, logging.WARNING) if FALLBACK in m]
+    assert (f"the server tunnel at 127.0.0.1:{server_port} {FALLBACK}: this tunnel makes one securechan connection "
+            "per connection until it is reloaded or restarted; give it --no-mux" in warning)
+    served = [m for m in messages(tunnel_log) if m.startswith("tunnel 'cli': 127.0.0.1:") and "up=" in m]
+    assert len(served) == 6 and all("identity='localhost'" in m and "closed: " in m for m in served)
+
+
+async def test_after_the_fallback_connections_offer_no_multiplexing_until_a_reload(
+    pki_dir: Any, tunnel_log: pytest.LogCaptureFixture
+) -> None:
+    """The server tunnel comes back without --no-mux: the fallen-back client tunnel's connections still
+    carry one connection each (they do not offer multiplexing, so they cannot be chosen as carriers);
+    after a reload it multiplexes again."""
+    server_port = free_port()
+    async with counting_target() as (target, port):
+        spec = server_spec(pki_dir, f"127.0.0.1:{port}", listen=f"127.0.0.1:{server_port}")
+        async with running(client_spec(pki_dir, f"127.0.0.1:{server_port}", **DEFAULT)) as (cli,):
+            async with running(server_spec(pki_dir, f"127.0.0.1:{port}", listen=f"127.0.0.1:{server_port}",
+                                           no_mux=True)):
+                assert await echo(cli.port, b"one") == b"one"
+            async with running(spec) as (srv,):
+                assert await echo(cli.port, b"two") == b"two"
+                assert not srv.carriers and not cli.carriers
+                cli.reload()
+                assert await echo(cli.port, b"three") == b"three"
+                assert len(srv.carriers) == 1 and len(cli.carriers) == 1
+        assert target.accepted == 3
+    assert len([m for m in messages(tunnel_log, logging.WARNING) if FALLBACK in m]) == 1
+
+
+async def test_a_client_tunnel_with_no_mux_never_offers_multiplexing(
+    pki_dir: Any, tunnel_log: pytest.LogCaptureFixture
+) -> None:
+    async with counting_target() as (target, port), \
+            pair(pki_dir, f"127.0.0.1:{port}", client={"no_mux": True}) as (srv, cli):
+        replies = await asyncio.gather(*(echo(cli.port, b"n%d" % i) for i in range(3)))
+        assert replies == [b"n%d" % i for i in range(3)]
+        await until(lambda: srv.completed == 3)
+        assert srv.accepted == 3 and target.accepted == 3 and not srv.carriers and not cli.carriers
+    assert not [m for m in messages(tunnel_log, logging.WARNING) if FALLBACK in m]
+
+
+class Gate:
+    """A TCP forwarder that holds every connection until it is opened."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.opened = asyncio.Event()
+        self.waiting = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.waiting += 1
+        await self.opened.wait()
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+                dst.write_eof()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        writer.close()
+        up_writer.close()
+
+
+async def test_a_fallback_connection_nobody_waits_for_any_more_is_closed_cleanly(
+    pki_dir: Any, tunnel_log: pytest.LogCaptureFixture
+) -> None:
+    """The only connection waiting for the first connection to the server tunnel is cut while that is
+    still being made; the server tunnel refuses multiplexing, and no connection is left to carry: the
+    client tunnel closes it (close_notify), and the server tunnel logs a clean end, not a reset."""
+    async with counting_target() as (_target, port), \
+            running(server_spec(pki_dir, f"127.0.0.1:{port}", no_mux=True)) as (srv,):
+        gate = Gate(srv.port)
+        forwarder = await asyncio.start_server(gate.handle, "127.0.0.1", 0)
+        try:
+            async with running(client_spec(pki_dir, f"127.0.0.1:{forwarder.sockets[0].getsockname()[1]}", **DEFAULT)) \
+                    as (cli,):
+                reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+                await until(lambda: gate.waiting == 1 and len(cli.connecting) == 1)
+                (waiting,) = cli.connecting
+                waiting.stop("cut by the test")
+                gate.opened.set()
+                await until(lambda: cli.active == 0 and not cli.connecting and srv.completed == 1)
+                assert not cli.carriers and not cli._mux_waiting
+                with pytest.raises(ConnectionResetError):
+                    await reader.read()
+                writer.close()
+        finally:
+            forwarder.close()
+    ended = [m for m in messages(tunnel_log) if m.startswith("tunnel 'srv': 127.0.0.1:") and "up=0 down=0" in m]
+    assert len(ended) == 1 and "closed: client closed first" in ended[0]
+    assert len([m for m in messages(tunnel_log, logging.WARNING) if FALLBACK in m]) == 1
+    (failed,) = [m for m in messages(tunnel_log, logging.WARNING) if m.startswith("tunnel 'cli': 127.0.0.1:")]
+    assert "identity=- suite=-" in failed and failed.endswith("closed: cut by the test")
+
+
+@pytest.mark.parametrize("client", [{"no_mux": True}, DEFAULT], ids=["no-mux", "fallback"])
+async def test_a_defect_while_starting_a_relay_of_its_own_resets_the_client_and_frees_its_slot(
+    pki_dir: Any, tunnel_log: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, client: dict[str, bool]
+) -> None:
+    """A connection that carries one connection (--no-mux, or the fallback) whose relay cannot start (a bug,
+    here made by breaking the identity lookup): the plain client is reset, the slot freed, the line written
+    and the exception handed to the loop, not lost."""
+    def broken(_end: Any) -> tuple[str, str]:
+        raise RuntimeError("defect")
+
+    monkeypatch.setattr(service, "_session_text", broken)
+    loop = asyncio.get_running_loop()
+    handled: list[str] = []
+    loop.set_exception_handler(lambda _loop, context: handled.append(context["message"]))
+    try:
+        async with counting_target() as (_target, port), \
+                running(server_spec(pki_dir, f"127.0.0.1:{port}", no_mux=True)) as (srv,), \
+                running(client_spec(pki_dir, f"127.0.0.1:{srv.port}", **client)) as (cli,):
+            with pytest.raises(ConnectionResetError):
+                await echo(cli.port, b"x")
+            await until(lambda: cli.active == 0 and not cli.connecting and not cli.relays)
+    finally:
+        loop.set_exception_handler(None)
+    assert handled == ["exception while starting a tunnel relay"]
+    (failed,) = [m for m in messages(tunnel_log, logging.WARNING) if m.startswith("tunnel 'cli': 127.0.0.1:")]
+    assert failed.endswith("closed: internal error while starting the relay (RuntimeError)")
