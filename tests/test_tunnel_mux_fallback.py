@@ -23,7 +23,8 @@ pytestmark = pytest.mark.timeout(60)
 
 #: A client tunnel as the command makes it by default (tunnelkit's client_spec makes one with no_mux).
 DEFAULT = {"no_mux": False}
-FALLBACK = "does not accept multiplexed connections (it runs with --no-mux)"
+FALLBACK = ("does not accept multiplexed connections (a server tunnel with --no-mux, or a securechan server that "
+            "is not a tunnel)")
 
 
 @pytest.fixture
@@ -75,74 +76,6 @@ async def echo(port: int, message: bytes) -> bytes:
         writer.close()
 
 
-async def test_a_default_client_tunnel_multiplexes_when_the_server_tunnel_accepts_it(pki_dir: Any) -> None:
-    async with counting_target() as (target, port), pair(pki_dir, f"127.0.0.1:{port}", client=DEFAULT) as (srv, cli):
-        replies = await asyncio.gather(*(echo(cli.port, b"m%d" % i) for i in range(5)))
-        assert replies == [b"m%d" % i for i in range(5)]
-        assert len(cli.carriers) == 1 and len(srv.carriers) == 1
-        (carrier,) = cli.carriers
-        assert carrier.carrier is not None and carrier.carrier.get_extra_info("alpn_protocol") == "securechan-mux/1"
-        assert target.accepted == 5
-
-
-async def test_a_default_client_tunnel_falls_back_to_a_connection_each_against_no_mux(
-    pki_dir: Any, tunnel_log: pytest.LogCaptureFixture
-) -> None:
-    """Five connections wait for the first connection to the server tunnel, which refuses multiplexing:
-    that connection carries one of them, the others get their own, and so does every later one. The
-    target sees exactly the connections that were made, and the fallback is logged once."""
-    async with counting_target() as (target, port), \
-            running(server_spec(pki_dir, f"127.0.0.1:{port}", no_mux=True)) as (srv,), \
-            running(client_spec(pki_dir, f"127.0.0.1:{srv.port}", **DEFAULT)) as (cli,):
-        server_port = srv.port
-        replies = await asyncio.gather(*(echo(cli.port, b"c%d" % i) for i in range(5)))
-        assert replies == [b"c%d" % i for i in range(5)]
-        assert await echo(cli.port, b"later") == b"later"
-        await until(lambda: srv.completed == 6 and cli.completed == 6)
-        assert target.accepted == 6 and srv.accepted == 6
-        assert not cli.carriers and not srv.carriers and not cli._mux_waiting
-    (warning,) = [m for m in messages(tunnel_log, logging.WARNING) if FALLBACK in m]
-    assert (f"the server tunnel at 127.0.0.1:{server_port} {FALLBACK}: this tunnel makes one securechan connection "
-            "per connection until it is reloaded or restarted; give it --no-mux" in warning)
-    served = [m for m in messages(tunnel_log) if m.startswith("tunnel 'cli': 127.0.0.1:") and "up=" in m]
-    assert len(served) == 6 and all("identity='localhost'" in m and "closed: " in m for m in served)
-
-
-async def test_after_the_fallback_connections_offer_no_multiplexing_until_a_reload(
-    pki_dir: Any, tunnel_log: pytest.LogCaptureFixture
-) -> None:
-    """The server tunnel comes back without --no-mux: the fallen-back client tunnel's connections still
-    carry one connection each (they do not offer multiplexing, so they cannot be chosen as carriers);
-    after a reload it multiplexes again."""
-    server_port = free_port()
-    async with counting_target() as (target, port):
-        spec = server_spec(pki_dir, f"127.0.0.1:{port}", listen=f"127.0.0.1:{server_port}")
-        async with running(client_spec(pki_dir, f"127.0.0.1:{server_port}", **DEFAULT)) as (cli,):
-            async with running(server_spec(pki_dir, f"127.0.0.1:{port}", listen=f"127.0.0.1:{server_port}",
-                                           no_mux=True)):
-                assert await echo(cli.port, b"one") == b"one"
-            async with running(spec) as (srv,):
-                assert await echo(cli.port, b"two") == b"two"
-                assert not srv.carriers and not cli.carriers
-                cli.reload()
-                assert await echo(cli.port, b"three") == b"three"
-                assert len(srv.carriers) == 1 and len(cli.carriers) == 1
-        assert target.accepted == 3
-    assert len([m for m in messages(tunnel_log, logging.WARNING) if FALLBACK in m]) == 1
-
-
-async def test_a_client_tunnel_with_no_mux_never_offers_multiplexing(
-    pki_dir: Any, tunnel_log: pytest.LogCaptureFixture
-) -> None:
-    async with counting_target() as (target, port), \
-            pair(pki_dir, f"127.0.0.1:{port}", client={"no_mux": True}) as (srv, cli):
-        replies = await asyncio.gather(*(echo(cli.port, b"n%d" % i) for i in range(3)))
-        assert replies == [b"n%d" % i for i in range(3)]
-        await until(lambda: srv.completed == 3)
-        assert srv.accepted == 3 and target.accepted == 3 and not srv.carriers and not cli.carriers
-    assert not [m for m in messages(tunnel_log, logging.WARNING) if FALLBACK in m]
-
-
 class Gate:
     """A TCP forwarder that holds every connection until it is opened."""
 
@@ -169,6 +102,143 @@ class Gate:
         up_writer.close()
 
 
+async def test_a_default_client_tunnel_multiplexes_when_the_server_tunnel_accepts_it(pki_dir: Any) -> None:
+    async with counting_target() as (target, port), pair(pki_dir, f"127.0.0.1:{port}", client=DEFAULT) as (srv, cli):
+        replies = await asyncio.gather(*(echo(cli.port, b"m%d" % i) for i in range(5)))
+        assert replies == [b"m%d" % i for i in range(5)]
+        assert len(cli.carriers) == 1 and len(srv.carriers) == 1
+        (carrier,) = cli.carriers
+        assert carrier.carrier is not None and carrier.carrier.get_extra_info("alpn_protocol") == "securechan-mux/1"
+        assert target.accepted == 5
+
+
+@contextlib.asynccontextmanager
+async def gated(upstream: int) -> AsyncIterator[tuple[Gate, int]]:
+    gate = Gate(upstream)
+    forwarder = await asyncio.start_server(gate.handle, "127.0.0.1", 0)
+    try:
+        yield gate, forwarder.sockets[0].getsockname()[1]
+    finally:
+        gate.opened.set()
+        forwarder.close()
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [m for m in messages(caplog, logging.WARNING) if FALLBACK in m]
+
+
+async def test_a_default_client_tunnel_falls_back_to_a_connection_each_against_no_mux(
+    pki_dir: Any, tunnel_log: pytest.LogCaptureFixture
+) -> None:
+    """Five connections wait for the first connection to the server tunnel, which refuses multiplexing:
+    that connection carries one of them, the other four get their own, and so does a later one. The
+    server tunnel and the target see exactly the six connections, and the fallback is logged once."""
+    async with counting_target() as (target, port), \
+            running(server_spec(pki_dir, f"127.0.0.1:{port}", no_mux=True)) as (srv,), \
+            gated(srv.port) as (gate, gate_port), \
+            running(client_spec(pki_dir, f"127.0.0.1:{gate_port}", **DEFAULT)) as (cli,):
+        waiting = [asyncio.ensure_future(echo(cli.port, b"c%d" % i)) for i in range(5)]
+        await until(lambda: gate.waiting == 1 and len(cli._mux_waiting) == 5)
+        gate.opened.set()
+        assert await asyncio.gather(*waiting) == [b"c%d" % i for i in range(5)]
+        assert await echo(cli.port, b"later") == b"later"
+        await until(lambda: srv.completed == 6 and cli.completed == 6)
+        assert target.accepted == 6 and srv.accepted == 6 and gate.waiting == 6
+    (warning,) = warnings_of(tunnel_log)
+    assert (f"the server at 127.0.0.1:{gate_port} {FALLBACK}: this tunnel makes one securechan connection per "
+            "connection, and asks again in 600 s; give it --no-mux to do so from the start" in warning)
+    served = [m for m in messages(tunnel_log) if m.startswith("tunnel 'cli': 127.0.0.1:") and "up=" in m]
+    assert len(served) == 6 and all("identity='localhost'" in m and "closed: " in m for m in served)
+
+
+async def test_after_a_refusal_multiplexing_is_offered_again_after_the_recheck_interval(
+    pki_dir: Any, tunnel_log: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused: connections of their own (offering no multiplexing: the server tunnel, back without
+    --no-mux, does not make one a carrier). After MUX_RECHECK the next connection asks again: refused
+    again (said at debug level only), then, once the server tunnel accepts, a carrier."""
+    monkeypatch.setattr(service, "MUX_RECHECK", 0.3)
+    server_port = free_port()
+    async with counting_target() as (target, port):
+        def server(**kw: Any) -> Any:
+            return running(server_spec(pki_dir, f"127.0.0.1:{port}", listen=f"127.0.0.1:{server_port}", **kw))
+
+        async with running(client_spec(pki_dir, f"127.0.0.1:{server_port}", **DEFAULT)) as (cli,):
+            async with server(no_mux=True):
+                assert await echo(cli.port, b"refused") == b"refused"
+                await asyncio.sleep(0.35)
+                assert await echo(cli.port, b"refused again") == b"refused again"
+            async with server() as (srv,):
+                reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+                writer.write(b"own")
+                assert await reader.readexactly(3) == b"own"
+                assert not srv.carriers and not cli.carriers  # open now, and not a carrier
+                writer.close()
+                await asyncio.sleep(0.35)
+                assert await echo(cli.port, b"carried") == b"carried"
+                assert len(srv.carriers) == 1 and len(cli.carriers) == 1
+        assert target.accepted == 4
+    assert len(warnings_of(tunnel_log)) == 1
+    assert len([m for m in messages(tunnel_log) if FALLBACK in m]) == 2
+
+
+async def test_a_reload_offers_multiplexing_again_at_once(
+    pki_dir: Any, tunnel_log: pytest.LogCaptureFixture
+) -> None:
+    server_port = free_port()
+    async with counting_target() as (target, port):
+        def server(**kw: Any) -> Any:
+            return running(server_spec(pki_dir, f"127.0.0.1:{port}", listen=f"127.0.0.1:{server_port}", **kw))
+
+        async with running(client_spec(pki_dir, f"127.0.0.1:{server_port}", **DEFAULT)) as (cli,):
+            async with server(no_mux=True):
+                assert await echo(cli.port, b"one") == b"one"
+            async with server() as (srv,):
+                assert await echo(cli.port, b"two") == b"two"
+                assert not cli.carriers
+                cli.reload()
+                assert await echo(cli.port, b"three") == b"three"
+                assert len(srv.carriers) == 1 and len(cli.carriers) == 1
+        assert target.accepted == 3
+    assert len(warnings_of(tunnel_log)) == 1
+
+
+async def test_a_refusal_of_a_connection_made_before_a_reload_changes_nothing(
+    pki_dir: Any, tunnel_log: pytest.LogCaptureFixture
+) -> None:
+    """The first connection is still being made when the client tunnel reloads: it still carries its
+    waiting connection, but its refusal says nothing of the server under the new configuration, so the
+    next connection asks again, and that refusal is the one logged."""
+    async with counting_target() as (target, port), \
+            running(server_spec(pki_dir, f"127.0.0.1:{port}", no_mux=True)) as (srv,), \
+            gated(srv.port) as (gate, gate_port), \
+            running(client_spec(pki_dir, f"127.0.0.1:{gate_port}", **DEFAULT)) as (cli,):
+        first = asyncio.ensure_future(echo(cli.port, b"first"))
+        await until(lambda: gate.waiting == 1 and len(cli._mux_waiting) == 1)
+        cli.reload()
+        gate.opened.set()
+        assert await first == b"first"
+        assert not warnings_of(tunnel_log)
+        assert await echo(cli.port, b"second") == b"second"
+        assert len(warnings_of(tunnel_log)) == 1
+        assert await echo(cli.port, b"third") == b"third"
+        await until(lambda: srv.completed == 3)
+        assert target.accepted == 3 and gate.waiting == 3
+
+
+async def test_a_client_tunnel_with_no_mux_never_offers_multiplexing(
+    pki_dir: Any, tunnel_log: pytest.LogCaptureFixture
+) -> None:
+    async with counting_target() as (target, port), \
+            pair(pki_dir, f"127.0.0.1:{port}", client={"no_mux": True}) as (srv, cli):
+        replies = await asyncio.gather(*(echo(cli.port, b"n%d" % i) for i in range(3)))
+        assert replies == [b"n%d" % i for i in range(3)]
+        await until(lambda: srv.completed == 3)
+        assert srv.accepted == 3 and target.accepted == 3
+        assert cli._client_config is not None and cli._client_config.alpn_protocols == ()
+    assert not [m for m in messages(tunnel_log) if "multiplexed" in m]
+
+
 async def test_a_fallback_connection_nobody_waits_for_any_more_is_closed_cleanly(
     pki_dir: Any, tunnel_log: pytest.LogCaptureFixture
 ) -> None:
@@ -176,27 +246,21 @@ async def test_a_fallback_connection_nobody_waits_for_any_more_is_closed_cleanly
     still being made; the server tunnel refuses multiplexing, and no connection is left to carry: the
     client tunnel closes it (close_notify), and the server tunnel logs a clean end, not a reset."""
     async with counting_target() as (_target, port), \
-            running(server_spec(pki_dir, f"127.0.0.1:{port}", no_mux=True)) as (srv,):
-        gate = Gate(srv.port)
-        forwarder = await asyncio.start_server(gate.handle, "127.0.0.1", 0)
-        try:
-            async with running(client_spec(pki_dir, f"127.0.0.1:{forwarder.sockets[0].getsockname()[1]}", **DEFAULT)) \
-                    as (cli,):
-                reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
-                await until(lambda: gate.waiting == 1 and len(cli.connecting) == 1)
-                (waiting,) = cli.connecting
-                waiting.stop("cut by the test")
-                gate.opened.set()
-                await until(lambda: cli.active == 0 and not cli.connecting and srv.completed == 1)
-                assert not cli.carriers and not cli._mux_waiting
-                with pytest.raises(ConnectionResetError):
-                    await reader.read()
-                writer.close()
-        finally:
-            forwarder.close()
+            running(server_spec(pki_dir, f"127.0.0.1:{port}", no_mux=True)) as (srv,), \
+            gated(srv.port) as (gate, gate_port), \
+            running(client_spec(pki_dir, f"127.0.0.1:{gate_port}", **DEFAULT)) as (cli,):
+        reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+        await until(lambda: gate.waiting == 1 and len(cli._mux_waiting) == 1)
+        (waiting,) = cli.connecting
+        waiting.stop("cut by the test")
+        gate.opened.set()
+        await until(lambda: cli.active == 0 and not cli.connecting and srv.completed == 1)
+        with pytest.raises(ConnectionResetError):
+            await reader.read()
+        writer.close()
     ended = [m for m in messages(tunnel_log) if m.startswith("tunnel 'srv': 127.0.0.1:") and "up=0 down=0" in m]
     assert len(ended) == 1 and "closed: client closed first" in ended[0]
-    assert len([m for m in messages(tunnel_log, logging.WARNING) if FALLBACK in m]) == 1
+    assert len(warnings_of(tunnel_log)) == 1
     (failed,) = [m for m in messages(tunnel_log, logging.WARNING) if m.startswith("tunnel 'cli': 127.0.0.1:")]
     assert "identity=- suite=-" in failed and failed.endswith("closed: cut by the test")
 

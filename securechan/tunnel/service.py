@@ -15,13 +15,16 @@ peer, verified identity, suite, bytes each way, duration and why it closed. Conn
 that never completed a handshake or moved no bytes are logged at DEBUG under ``quiet``
 (load-balancer health checks).
 
-Multiplexing (``mux``, docs/PROTOCOL.md §14): a client tunnel with ``mux`` makes one
+Multiplexing (docs/PROTOCOL.md §14): a client tunnel (unless ``no_mux``) makes one
 securechan connection (a carrier, :mod:`securechan.tunnel.mux`) for all its connections and
 opens a stream on it per accepted socket, synchronously when the carrier exists, else after
 the one task that makes it. A server tunnel offers ``securechan-mux/1`` to every client
 (unless ``no_mux``); when it is chosen, the connection becomes a carrier whose streams are admitted, counted,
 connected, relayed and logged like connections (the carrier keeps its own slot). Stopping,
-reloading or an idle carrier send GOAWAY, so clients move to a new carrier.
+reloading or an idle carrier send GOAWAY, so clients move to a new carrier. When the server
+tunnel does not choose it, the connection made carries the first waiting connection alone,
+and the client tunnel makes one connection per connection (offering no multiplexing) until
+:data:`MUX_RECHECK` seconds have passed or it is reloaded; with ``mux`` it fails them instead.
 
 Shutdown: :meth:`Tunnel.stop_accepting` closes the listener; :meth:`Tunnel.drain` waits
 for open relays up to a deadline, then aborts the rest (RST / no close_notify, so neither
@@ -64,6 +67,9 @@ log = logging.getLogger("securechan.tunnel")
 
 #: Seconds a client tunnel keeps a multiplexed connection without streams before closing it.
 MUX_CLIENT_IDLE = 30.0
+#: Seconds a client tunnel whose server tunnel refused multiplexing makes one connection per connection
+#: before it offers multiplexing again (the server tunnel may have been restarted without --no-mux).
+MUX_RECHECK = 600.0
 #: Seconds a server tunnel waits on a multiplexed connection without streams before asking the client to close it.
 MUX_SERVER_IDLE = 300.0
 
@@ -195,8 +201,10 @@ class Tunnel:
         #: Client side: the config of connections that carry one connection each (multiplexing not offered).
         self._direct_config: ClientConfig | None = None
         #: Client side: new connections become streams of a multiplexed connection (the default, not
-        #: --no-mux) until the server tunnel refuses that; a reload asks it again.
+        #: --no-mux) until the server tunnel refuses that; MUX_RECHECK seconds later, or at a reload, it asks again.
         self._multiplex = False
+        self._recheck_at = 0.0
+        self._refusal_warned = False
         if spec.mode == "client":
             self._load_client_configs()
         self.server: asyncio.Server | None = None
@@ -386,12 +394,13 @@ class Tunnel:
         log.info("tunnel %r: reloaded certificates for new connections", self.spec.title)
 
     def _load_client_configs(self) -> None:
+        """Both configs are read before either replaces the current one (a broken file changes neither)."""
         spec = self.spec
-        self._client_config = spec.client_config()
-        self._direct_config = self._client_config
-        if spec.multiplexed and not spec.mux:  # the default: falls back to direct connections if refused
-            self._direct_config = spec.client_config(offer_mux=False)
+        config = spec.client_config()
+        direct = spec.client_config(offer_mux=False) if spec.multiplexed else config
+        self._client_config, self._direct_config = config, direct
         self._multiplex = spec.multiplexed
+        self._refusal_warned = False
 
     # -- accounting -------------------------------------------------------------------------
 
@@ -453,7 +462,7 @@ class Tunnel:
         return proto
 
     def _accept_carrier(self, proto: SecureProtocol) -> mux.MuxSession:
-        """A client tunnel with --mux: its streams are this tunnel's connections (each counted and logged)."""
+        """A multiplexing client tunnel: its streams are this tunnel's connections (each counted and logged)."""
         session = mux.MuxSession(server=True, on_open=self._open_stream, on_lost=self._carrier_lost,
                                  idle_timeout=MUX_SERVER_IDLE, label=f"tunnel {self.spec.title!r}",
                                  budget=self.window_budget)
@@ -597,7 +606,7 @@ class Tunnel:
         assert end.transport is not None
         if not self._admit(end.transport):
             return
-        if not self._multiplex:
+        if not self._multiplex and not self._mux_again():
             self._spawn(self._serve_plain(end.relay))
         elif self._mux_current is not None and self._mux_current.usable:
             # The usual case: a stream on the connection already made (no task, no round trip).
@@ -605,8 +614,19 @@ class Tunnel:
         else:
             self._spawn(self._serve_plain_mux(end.relay))
 
+    def _mux_again(self) -> bool:
+        """After a refusal: whether it is time to offer multiplexing again (then it is offered)."""
+        if self._recheck_at == 0.0 or asyncio.get_running_loop().time() < self._recheck_at:
+            return False
+        self._recheck_at = 0.0
+        self._multiplex = True
+        return True
+
     async def _serve_plain_mux(self, relay: Relay) -> None:
         """Wait for the multiplexed connection to the server tunnel (made once for all waiting), then open a stream."""
+        if not self._multiplex:  # refused between this task's creation and its first turn
+            await self._serve_plain(relay)
+            return
         started = asyncio.get_running_loop().time()
         self.connecting.add(relay)
         waiting = (relay, started)
@@ -728,10 +748,14 @@ class Tunnel:
                                      "connection per connection), or the server tunnel without --no-mux")
             if cfg is self._client_config and self._multiplex:
                 self._multiplex = False
-                log.warning("tunnel %r: the server tunnel at %s does not accept multiplexed connections (it runs "
-                            "with --no-mux): this tunnel makes one securechan connection per connection until it "
-                            "is reloaded or restarted; give it --no-mux to do so from the start",
-                            spec.title, target)
+                self._recheck_at = loop.time() + MUX_RECHECK
+                # Once per start or reload: the periodic re-checks of a server that still refuses are not news.
+                log.log(logging.DEBUG if self._refusal_warned else logging.WARNING,
+                        "tunnel %r: the server at %s does not accept multiplexed connections (a server tunnel with "
+                        "--no-mux, or a securechan server that is not a tunnel): this tunnel makes one securechan "
+                        "connection per connection, and asks again in %g s; give it --no-mux to do so from the "
+                        "start", spec.title, target, MUX_RECHECK)
+                self._refusal_warned = True
             if not direct and proto.app_transport is not None:
                 proto.app_transport.close()
             raise _NotMultiplexed(direct[0] if direct else None)
