@@ -38,7 +38,17 @@ from muxkit import (
     the_carrier,
     window_update,
 )
-from tunnelkit import client_spec, echo_then_bye, free_port, pair, plain_target, running, server_spec, until
+from tunnelkit import (
+    client_spec,
+    echo_then_bye,
+    free_port,
+    pair,
+    plain_echo,
+    plain_target,
+    running,
+    server_spec,
+    until,
+)
 
 import securechan
 from securechan.tunnel import Tunnel, mux, service
@@ -567,16 +577,6 @@ async def test_an_idle_carrier_gets_an_advisory_goaway_then_closes(
 
 
 # -- a client tunnel with --mux ----------------------------------------------------------------------
-
-
-async def plain_echo(port: int, message: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(message)
-        writer.write_eof()
-        return await reader.read()
-    finally:
-        writer.close()
 
 
 async def echoed_through(cli: Tunnel, first: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter,

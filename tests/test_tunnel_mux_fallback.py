@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from tunnelkit import client_spec, free_port, pair, running, server_spec, until
+from tunnelkit import client_spec, free_port, pair, plain_echo, running, server_spec, until
 
 from securechan.tunnel import service
 
@@ -66,14 +66,9 @@ async def counting_target() -> AsyncIterator[tuple[CountingEcho, int]]:
         server.close()
 
 
-async def echo(port: int, message: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(message)
-        writer.write_eof()
-        return await reader.read()
-    finally:
-        writer.close()
+def server_at(pki: Any, target: int, port: int, **kw: Any) -> Any:
+    """A server tunnel on ``port`` in front of ``target`` (a test stops it and starts another on the port)."""
+    return running(server_spec(pki, f"127.0.0.1:{target}", listen=f"127.0.0.1:{port}", **kw))
 
 
 class Gate:
@@ -104,7 +99,7 @@ class Gate:
 
 async def test_a_default_client_tunnel_multiplexes_when_the_server_tunnel_accepts_it(pki_dir: Any) -> None:
     async with counting_target() as (target, port), pair(pki_dir, f"127.0.0.1:{port}", client=DEFAULT) as (srv, cli):
-        replies = await asyncio.gather(*(echo(cli.port, b"m%d" % i) for i in range(5)))
+        replies = await asyncio.gather(*(plain_echo(cli.port, b"m%d" % i) for i in range(5)))
         assert replies == [b"m%d" % i for i in range(5)]
         assert len(cli.carriers) == 1 and len(srv.carriers) == 1
         (carrier,) = cli.carriers
@@ -137,11 +132,11 @@ async def test_a_default_client_tunnel_falls_back_to_a_connection_each_against_n
             running(server_spec(pki_dir, f"127.0.0.1:{port}", no_mux=True)) as (srv,), \
             gated(srv.port) as (gate, gate_port), \
             running(client_spec(pki_dir, f"127.0.0.1:{gate_port}", **DEFAULT)) as (cli,):
-        waiting = [asyncio.ensure_future(echo(cli.port, b"c%d" % i)) for i in range(5)]
+        waiting = [asyncio.ensure_future(plain_echo(cli.port, b"c%d" % i)) for i in range(5)]
         await until(lambda: gate.waiting == 1 and len(cli._mux_waiting) == 5)
         gate.opened.set()
         assert await asyncio.gather(*waiting) == [b"c%d" % i for i in range(5)]
-        assert await echo(cli.port, b"later") == b"later"
+        assert await plain_echo(cli.port, b"later") == b"later"
         await until(lambda: srv.completed == 6 and cli.completed == 6)
         assert target.accepted == 6 and srv.accepted == 6 and gate.waiting == 6
     (warning,) = warnings_of(tunnel_log)
@@ -160,22 +155,19 @@ async def test_after_a_refusal_multiplexing_is_offered_again_after_the_recheck_i
     monkeypatch.setattr(service, "MUX_RECHECK", 0.3)
     server_port = free_port()
     async with counting_target() as (target, port):
-        def server(**kw: Any) -> Any:
-            return running(server_spec(pki_dir, f"127.0.0.1:{port}", listen=f"127.0.0.1:{server_port}", **kw))
-
         async with running(client_spec(pki_dir, f"127.0.0.1:{server_port}", **DEFAULT)) as (cli,):
-            async with server(no_mux=True):
-                assert await echo(cli.port, b"refused") == b"refused"
+            async with server_at(pki_dir, port, server_port, no_mux=True):
+                assert await plain_echo(cli.port, b"refused") == b"refused"
                 await asyncio.sleep(0.35)
-                assert await echo(cli.port, b"refused again") == b"refused again"
-            async with server() as (srv,):
+                assert await plain_echo(cli.port, b"refused again") == b"refused again"
+            async with server_at(pki_dir, port, server_port) as (srv,):
                 reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
                 writer.write(b"own")
                 assert await reader.readexactly(3) == b"own"
                 assert not srv.carriers and not cli.carriers  # open now, and not a carrier
                 writer.close()
                 await asyncio.sleep(0.35)
-                assert await echo(cli.port, b"carried") == b"carried"
+                assert await plain_echo(cli.port, b"carried") == b"carried"
                 assert len(srv.carriers) == 1 and len(cli.carriers) == 1
         assert target.accepted == 4
     assert len(warnings_of(tunnel_log)) == 1
@@ -187,17 +179,14 @@ async def test_a_reload_offers_multiplexing_again_at_once(
 ) -> None:
     server_port = free_port()
     async with counting_target() as (target, port):
-        def server(**kw: Any) -> Any:
-            return running(server_spec(pki_dir, f"127.0.0.1:{port}", listen=f"127.0.0.1:{server_port}", **kw))
-
         async with running(client_spec(pki_dir, f"127.0.0.1:{server_port}", **DEFAULT)) as (cli,):
-            async with server(no_mux=True):
-                assert await echo(cli.port, b"one") == b"one"
-            async with server() as (srv,):
-                assert await echo(cli.port, b"two") == b"two"
+            async with server_at(pki_dir, port, server_port, no_mux=True):
+                assert await plain_echo(cli.port, b"one") == b"one"
+            async with server_at(pki_dir, port, server_port) as (srv,):
+                assert await plain_echo(cli.port, b"two") == b"two"
                 assert not cli.carriers
                 cli.reload()
-                assert await echo(cli.port, b"three") == b"three"
+                assert await plain_echo(cli.port, b"three") == b"three"
                 assert len(srv.carriers) == 1 and len(cli.carriers) == 1
         assert target.accepted == 3
     assert len(warnings_of(tunnel_log)) == 1
@@ -213,15 +202,15 @@ async def test_a_refusal_of_a_connection_made_before_a_reload_changes_nothing(
             running(server_spec(pki_dir, f"127.0.0.1:{port}", no_mux=True)) as (srv,), \
             gated(srv.port) as (gate, gate_port), \
             running(client_spec(pki_dir, f"127.0.0.1:{gate_port}", **DEFAULT)) as (cli,):
-        first = asyncio.ensure_future(echo(cli.port, b"first"))
+        first = asyncio.ensure_future(plain_echo(cli.port, b"first"))
         await until(lambda: gate.waiting == 1 and len(cli._mux_waiting) == 1)
         cli.reload()
         gate.opened.set()
         assert await first == b"first"
         assert not warnings_of(tunnel_log)
-        assert await echo(cli.port, b"second") == b"second"
+        assert await plain_echo(cli.port, b"second") == b"second"
         assert len(warnings_of(tunnel_log)) == 1
-        assert await echo(cli.port, b"third") == b"third"
+        assert await plain_echo(cli.port, b"third") == b"third"
         await until(lambda: srv.completed == 3)
         assert target.accepted == 3 and gate.waiting == 3
 
@@ -231,7 +220,7 @@ async def test_a_client_tunnel_with_no_mux_never_offers_multiplexing(
 ) -> None:
     async with counting_target() as (target, port), \
             pair(pki_dir, f"127.0.0.1:{port}", client={"no_mux": True}) as (srv, cli):
-        replies = await asyncio.gather(*(echo(cli.port, b"n%d" % i) for i in range(3)))
+        replies = await asyncio.gather(*(plain_echo(cli.port, b"n%d" % i) for i in range(3)))
         assert replies == [b"n%d" % i for i in range(3)]
         await until(lambda: srv.completed == 3)
         assert srv.accepted == 3 and target.accepted == 3
@@ -284,7 +273,7 @@ async def test_a_defect_while_starting_a_relay_of_its_own_resets_the_client_and_
                 running(server_spec(pki_dir, f"127.0.0.1:{port}", no_mux=True)) as (srv,), \
                 running(client_spec(pki_dir, f"127.0.0.1:{srv.port}", **client)) as (cli,):
             with pytest.raises(ConnectionResetError):
-                await echo(cli.port, b"x")
+                await plain_echo(cli.port, b"x")
             await until(lambda: cli.active == 0 and not cli.connecting and not cli.relays)
     finally:
         loop.set_exception_handler(None)

@@ -40,6 +40,17 @@ async def echo_then_bye(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
         writer.close()
 
 
+async def plain_echo(port: int, message: bytes) -> bytes:
+    """Send ``message`` to the plain port, shut down the write side, and return everything read back."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(message)
+        writer.write_eof()
+        return await reader.read()
+    finally:
+        writer.close()
+
+
 @contextlib.asynccontextmanager
 async def plain_target(handler: Handler) -> AsyncIterator[int]:
     server = await asyncio.start_server(handler, "127.0.0.1", 0)
