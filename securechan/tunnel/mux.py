@@ -3,9 +3,9 @@
 Theory of operation
 -------------------
 A client tunnel (by default; not with ``--no-mux``) keeps one securechan connection (the
-*carrier*) to its server tunnel and carries every plain connection it accepts as a *stream* on it, so a new
-tunnelled connection costs an OPEN frame instead of a TCP connect, a handshake and a
-close_notify exchange. The two ends agree on it in the handshake (``alpn_protocols``);
+*carrier*) to its server tunnel and carries every plain connection it accepts as a
+*stream* on it, so a new tunnelled connection costs an OPEN frame instead of a TCP
+connect, a handshake and a close_notify exchange. The two ends agree on it in the handshake (``alpn_protocols``);
 the wire format is docs/PROTOCOL.md §14.
 
 :class:`MuxSession` is the carrier's application protocol. It parses the frames out of
