@@ -1,9 +1,10 @@
-"""Shared fixtures: a throwaway PKI written to a temp folder, and configs built from it."""
+"""Shared fixtures: a throwaway PKI written to a temp folder, configs built from it, and the tunnel log."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -55,6 +56,13 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
         return factories
     factories["uvloop"] = uvloop.new_event_loop
     return factories
+
+
+@pytest.fixture
+def tunnel_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """The tunnels' log lines, debug level included, in ``caplog``."""
+    caplog.set_level(logging.DEBUG, logger="securechan.tunnel")
+    return caplog
 
 
 @pytest.fixture(params=[False, True], ids=["per-connection", "mux"])

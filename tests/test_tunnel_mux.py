@@ -60,12 +60,6 @@ def tunnel_lines(caplog: pytest.LogCaptureFixture, level: int = logging.DEBUG) -
     return "\n".join(r.getMessage() for r in caplog.records if r.name == "securechan.tunnel" and r.levelno >= level)
 
 
-@pytest.fixture
-def tunnel_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    caplog.set_level(logging.DEBUG, logger="securechan.tunnel")
-    return caplog
-
-
 # -- §14.5: every protocol error aborts the carrier ---------------------------------------------------
 
 O1 = frame(OPEN, 1)

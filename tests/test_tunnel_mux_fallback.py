@@ -27,12 +27,6 @@ FALLBACK = ("does not accept multiplexed connections (a server tunnel with --no-
             "is not a tunnel)")
 
 
-@pytest.fixture
-def tunnel_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    caplog.set_level(logging.DEBUG, logger="securechan.tunnel")
-    return caplog
-
-
 def messages(caplog: pytest.LogCaptureFixture, level: int = logging.DEBUG) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "securechan.tunnel" and r.levelno >= level]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import logging
 import re
 import socket
 import struct
@@ -34,12 +33,6 @@ def frame(kind: int, stream: int, payload: bytes = b"") -> bytes:
 
 def mux_config(pki_dir: Any) -> securechan.ClientConfig:
     return pki_dir.client_config(alpn_protocols=[mux.PROTOCOL], resume=False)
-
-
-@pytest.fixture
-def tunnel_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    caplog.set_level(logging.DEBUG, logger="securechan.tunnel")
-    return caplog
 
 
 async def test_a_stream_filled_with_one_byte_frames_holds_one_buffer_not_an_object_per_frame(pki_dir) -> None:

@@ -36,12 +36,6 @@ from securechan.tunnel import relay as relay_module
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-def tunnel_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    caplog.set_level(logging.DEBUG, logger="securechan.tunnel")
-    return caplog
-
-
 def lines(caplog: pytest.LogCaptureFixture, level: int = logging.DEBUG) -> str:
     return "\n".join(r.getMessage() for r in caplog.records if r.name == "securechan.tunnel" and r.levelno >= level)
 
